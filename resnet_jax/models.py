@@ -1,0 +1,247 @@
+"""ResNet family in Flax linen: torchvision v1.5 ResNets and the He et al. CIFAR ResNets.
+
+Parameter paths are the public interface: `stem/conv`, `stem/bn`,
+`stage{K}/block{J}/{conv1,bn1,conv2,bn2[,conv3,bn3][,proj_conv,proj_bn]}` and
+`head`. Freeze regexes, `dont_load` and the torchvision converter all speak them.
+
+Two attributes carry fine-tuning decisions into the forward pass (both come from
+`optim.ParamSpec`, the single source of truth for "frozen"):
+  * `frozen_bn`: module paths of BatchNorm layers that must use their running
+    averages (so their statistics stay fixed even in training mode);
+  * `stop_gradient_after`: the last top-level module of a frozen prefix; its
+    output is wrapped in `stop_gradient` so no backward pass runs through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from resnet_jax.errors import UserError
+
+# Kaiming-normal (fan_out, untruncated) as in He et al. and torchvision.
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# torchvision's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+head_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+TOP_LEVEL_ORDER = ('stem', 'stage1', 'stage2', 'stage3', 'stage4', 'head')
+
+
+class _Base(nn.Module):
+  """Shared helpers: conv and BatchNorm built the same way everywhere."""
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+  bn_momentum: float = 0.9  # Flax convention: weight of the old average.
+  frozen_bn: frozenset[str] = frozenset()
+
+  def conv(self, features: int, kernel: int, strides: int, name: str) -> nn.Conv:
+    pad = (kernel - 1) // 2
+    return nn.Conv(features, (kernel, kernel), (strides, strides),
+                   padding=((pad, pad), (pad, pad)), use_bias=False,
+                   dtype=self.dtype, kernel_init=conv_init, name=name)
+
+  def norm(self, name: str, train: bool, zero_scale: bool = False) -> nn.BatchNorm:
+    path = '/'.join(self.path + (name,))
+    return nn.BatchNorm(
+        use_running_average=(not train) or path in self.frozen_bn,
+        momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype,
+        axis_name=self.bn_axis_name,
+        scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
+        name=name)
+
+  def _children_kwargs(self) -> dict[str, Any]:
+    return dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                bn_momentum=self.bn_momentum, frozen_bn=self.frozen_bn)
+
+
+class BasicBlock(_Base):
+  """Two 3x3 convs; a 1x1 conv + BN projection when the shape changes."""
+  features: int = 64
+  strides: int = 1
+  zero_init_residual: bool = False
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    residual = x
+    y = self.conv(self.features, 3, self.strides, 'conv1')(x)
+    y = nn.relu(self.norm('bn1', train)(y))
+    y = self.conv(self.features, 3, 1, 'conv2')(y)
+    y = self.norm('bn2', train, zero_scale=self.zero_init_residual)(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.features, 1, self.strides, 'proj_conv')(residual)
+      residual = self.norm('proj_bn', train)(residual)
+    return nn.relu(residual + y)
+
+
+class BottleneckBlock(_Base):
+  """1x1 reduce, 3x3 (carries the stride, v1.5), 1x1 expand by 4."""
+  features: int = 64
+  strides: int = 1
+  zero_init_residual: bool = False
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    residual = x
+    y = self.conv(self.features, 1, 1, 'conv1')(x)
+    y = nn.relu(self.norm('bn1', train)(y))
+    y = self.conv(self.features, 3, self.strides, 'conv2')(y)
+    y = nn.relu(self.norm('bn2', train)(y))
+    y = self.conv(self.features * 4, 1, 1, 'conv3')(y)
+    y = self.norm('bn3', train, zero_scale=self.zero_init_residual)(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.features * 4, 1, self.strides, 'proj_conv')(residual)
+      residual = self.norm('proj_bn', train)(residual)
+    return nn.relu(residual + y)
+
+
+class Stage(_Base):
+  """A run of residual blocks; the first one may downsample."""
+  block_cls: Callable[..., nn.Module] = BasicBlock
+  num_blocks: int = 2
+  features: int = 64
+  strides: int = 1
+  zero_init_residual: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    for j in range(self.num_blocks):
+      x = self.block_cls(features=self.features,
+                         strides=self.strides if j == 0 else 1,
+                         zero_init_residual=self.zero_init_residual,
+                         name=f'block{j}', **self._children_kwargs())(x, train)
+    return x
+
+
+class Stem(_Base):
+  """`imagenet`: 7x7/2 conv + BN + ReLU + 3x3/2 max-pool. `cifar`: 3x3/1 conv + BN + ReLU."""
+  kind: str = 'imagenet'
+  features: int = 64
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.kind == 'imagenet':
+      x = self.conv(self.features, 7, 2, 'conv')(x)
+      x = nn.relu(self.norm('bn', train)(x))
+      return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    x = self.conv(self.features, 3, 1, 'conv')(x)
+    return nn.relu(self.norm('bn', train)(x))
+
+
+class ResNet(_Base):
+  """A ResNet. `__call__` returns logits, or (logits, pre-logit features)."""
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  block_cls: Callable[..., nn.Module] = BasicBlock
+  widths: Sequence[int] = (64, 128, 256, 512)
+  num_classes: int = 1000
+  stem: str = 'imagenet'
+  width_multiplier: float = 1.0
+  zero_init_residual: bool = False
+  dropout_rate: float = 0.0
+  stop_gradient_after: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False,
+               return_features: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    widths = [max(1, int(round(w * self.width_multiplier))) for w in self.widths]
+    x = x.astype(self.dtype)
+    x = Stem(kind=self.stem, features=widths[0], name='stem',
+             **self._children_kwargs())(x, train)
+    x = self._maybe_stop('stem', x)
+    for i, (n, w) in enumerate(zip(self.stage_sizes, widths)):
+      name = f'stage{i + 1}'
+      x = Stage(block_cls=self.block_cls, num_blocks=n, features=w,
+                strides=1 if i == 0 else 2,
+                zero_init_residual=self.zero_init_residual, name=name,
+                **self._children_kwargs())(x, train)
+      x = self._maybe_stop(name, x)
+    features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+    y = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
+    logits = nn.Dense(self.num_classes, kernel_init=head_init, dtype=jnp.float32,
+                      name='head')(y)
+    return (logits, features) if return_features else logits
+
+  def _maybe_stop(self, name: str, x: jax.Array) -> jax.Array:
+    return jax.lax.stop_gradient(x) if name == self.stop_gradient_after else x
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+  stage_sizes: tuple[int, ...]
+  block_cls: Callable[..., nn.Module]
+  widths: tuple[int, ...]
+  default_stem: str
+
+
+_IMAGENET_WIDTHS = (64, 128, 256, 512)
+_CIFAR_WIDTHS = (16, 32, 64)
+
+ARCHS: dict[str, Arch] = {
+    'resnet18': Arch((2, 2, 2, 2), BasicBlock, _IMAGENET_WIDTHS, 'imagenet'),
+    'resnet34': Arch((3, 4, 6, 3), BasicBlock, _IMAGENET_WIDTHS, 'imagenet'),
+    'resnet50': Arch((3, 4, 6, 3), BottleneckBlock, _IMAGENET_WIDTHS, 'imagenet'),
+    'resnet101': Arch((3, 4, 23, 3), BottleneckBlock, _IMAGENET_WIDTHS, 'imagenet'),
+    'resnet152': Arch((3, 8, 36, 3), BottleneckBlock, _IMAGENET_WIDTHS, 'imagenet'),
+    'resnet200': Arch((3, 24, 36, 3), BottleneckBlock, _IMAGENET_WIDTHS, 'imagenet'),
+    # He et al. 2016, section 4.2: 6n+2 layers, three stages of 16/32/64 channels.
+    'resnet20': Arch((3, 3, 3), BasicBlock, _CIFAR_WIDTHS, 'cifar'),
+    'resnet32': Arch((5, 5, 5), BasicBlock, _CIFAR_WIDTHS, 'cifar'),
+    'resnet44': Arch((7, 7, 7), BasicBlock, _CIFAR_WIDTHS, 'cifar'),
+    'resnet56': Arch((9, 9, 9), BasicBlock, _CIFAR_WIDTHS, 'cifar'),
+    'resnet110': Arch((18, 18, 18), BasicBlock, _CIFAR_WIDTHS, 'cifar'),
+}
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def create_model(model_config: Any, num_classes: int, *,
+                 bn_axis_name: str | None = None,
+                 frozen_bn: frozenset[str] = frozenset(),
+                 stop_gradient_after: str | None = None) -> ResNet:
+  """Builds the ResNet a `config.model` describes; bad names are UserErrors."""
+  name = model_config.name
+  if name not in ARCHS:
+    raise UserError(f'config.model.name: unknown model {name!r}; choose one of '
+                    f'{", ".join(ARCHS)}')
+  arch = ARCHS[name]
+  stem = model_config.get('stem', '') or arch.default_stem
+  if stem not in ('imagenet', 'cifar'):
+    raise UserError(f"config.model.stem: unknown stem {stem!r}; choose 'imagenet' or 'cifar'")
+  dtype_name = model_config.get('dtype', 'float32')
+  if dtype_name not in DTYPES:
+    raise UserError(f'config.model.dtype: unknown dtype {dtype_name!r}; choose one of '
+                    f'{", ".join(DTYPES)}')
+  width = float(model_config.get('width_multiplier', 1.0))
+  if width <= 0:
+    raise UserError(f'config.model.width_multiplier: must be positive, got {width}')
+  dropout = float(model_config.get('dropout_rate', 0.0))
+  if not 0.0 <= dropout < 1.0:
+    raise UserError(f'config.model.dropout_rate: must be in [0, 1), got {dropout}')
+  return ResNet(stage_sizes=arch.stage_sizes, block_cls=arch.block_cls,
+                widths=arch.widths, num_classes=num_classes, stem=stem,
+                width_multiplier=width,
+                zero_init_residual=bool(model_config.get('zero_init_residual', False)),
+                dropout_rate=dropout, dtype=DTYPES[dtype_name],
+                bn_axis_name=bn_axis_name,
+                bn_momentum=float(model_config.get('bn_momentum', 0.9)),
+                frozen_bn=frozenset(frozen_bn),
+                stop_gradient_after=stop_gradient_after)
+
+
+def init_variables(model: ResNet, rng: jax.Array, image_size: int) -> dict[str, Any]:
+  """Initialises params and batch_stats on a dummy batch of one image."""
+  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  return dict(model.init({'params': rng, 'dropout': rng}, dummy, train=False))
+
+
+def param_count(params: Any) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+__all__ = ['ARCHS', 'BasicBlock', 'BottleneckBlock', 'ResNet', 'create_model',
+           'init_variables', 'param_count', 'TOP_LEVEL_ORDER']
