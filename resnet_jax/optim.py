@@ -1,0 +1,258 @@
+"""Learning-rate schedules, and the optimizer partitioned by one parameter spec.
+
+`ParamSpec` is the single source of truth for fine-tuning decisions. It is
+compiled once from the config and the parameter tree and feeds:
+  * the optax partition (frozen leaves get `set_to_zero`: no state, no movement,
+    no weight decay; other leaves are grouped by learning-rate multiplier);
+  * the BatchNorm running-average switch (`frozen_bn`);
+  * the stop-gradient boundary (`stop_gradient_after`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from resnet_jax.errors import UserError
+from resnet_jax.models import TOP_LEVEL_ORDER
+
+FROZEN = 'frozen'
+SCHEDULES = ('constant', 'cosine', 'linear', 'piecewise')
+OPTIMIZERS = ('sgd', 'adamw')
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+  """'/'-joined parameter path, e.g. 'stage1/block0/conv1/kernel'."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+
+
+def flat_paths(tree: Any) -> dict[str, Any]:
+  return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def make_schedule(config: Any, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0, then constant, cosine, linear or piecewise decay."""
+  sc = config.schedule
+  base = float(config.optimizer.learning_rate)
+  if base <= 0:
+    raise UserError(f'config.optimizer.learning_rate: must be positive, got {base}')
+  warmup = int(sc.get('warmup_steps', 0))
+  if warmup < 0:
+    raise UserError(f'config.schedule.warmup_steps: must be >= 0, got {warmup}')
+  warmup = min(warmup, total_steps)
+  decay_steps = max(total_steps - warmup, 1)
+  name = sc.name
+  end = base * float(sc.get('end_factor', 0.0))
+  if name == 'constant':
+    main = optax.constant_schedule(base)
+  elif name == 'cosine':
+    main = optax.cosine_decay_schedule(base, decay_steps, alpha=end / base)
+  elif name == 'linear':
+    main = optax.linear_schedule(base, end, decay_steps)
+  elif name == 'piecewise':
+    boundaries = tuple(float(b) for b in sc.get('boundaries', ()))
+    if any(not 0 < b < 1 for b in boundaries):
+      raise UserError('config.schedule.boundaries: fractions of training in (0, 1), '
+                      f'got {boundaries}')
+    factor = float(sc.get('decay_factor', 0.1))
+    # Boundaries are fractions of the whole run, counted from step 0.
+    main = optax.piecewise_constant_schedule(
+        base, {max(int(round(b * total_steps)) - warmup, 0): factor for b in boundaries})
+  else:
+    raise UserError(f'config.schedule.name: unknown schedule {name!r}; choose one of '
+                    f'{", ".join(SCHEDULES)}')
+  if warmup == 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), main], [warmup])
+
+
+# --------------------------------------------------------------------------- param spec
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+  """Per-parameter decisions, keyed by '/'-joined path."""
+  labels: Mapping[str, str]          # FROZEN or 'lr_x<multiplier>'
+  multipliers: Mapping[str, float]   # label -> learning-rate multiplier
+  decay: Mapping[str, bool]          # path -> gets weight decay
+
+  def frozen_paths(self) -> list[str]:
+    return [p for p, l in self.labels.items() if l == FROZEN]
+
+  @property
+  def frozen_bn(self) -> frozenset[str]:
+    """BatchNorm modules whose scale and bias are both frozen."""
+    mods: dict[str, list[bool]] = {}
+    for p, l in self.labels.items():
+      mod, leaf = p.rsplit('/', 1)
+      if leaf in ('scale', 'bias') and mod.rsplit('/', 1)[-1].startswith(('bn', 'proj_bn')):
+        mods.setdefault(mod, []).append(l == FROZEN)
+    return frozenset(m for m, flags in mods.items() if all(flags))
+
+  @property
+  def stop_gradient_after(self) -> str | None:
+    """The last top-level module of the longest fully frozen prefix, if any."""
+    last = None
+    for top in TOP_LEVEL_ORDER:
+      leaves = [l for p, l in self.labels.items() if p.split('/', 1)[0] == top]
+      if not leaves:
+        continue
+      if all(l == FROZEN for l in leaves):
+        last = top
+      else:
+        break
+    return last
+
+  def label_tree(self, params: Any) -> Any:
+    return jax.tree_util.tree_map_with_path(lambda p, _: self.labels[path_str(p)], params)
+
+  def decay_tree(self, params: Any) -> Any:
+    return jax.tree_util.tree_map_with_path(lambda p, _: self.decay[path_str(p)], params)
+
+  def summary(self, params: Any) -> dict[str, int]:
+    sizes = {p: int(x.size) for p, x in flat_paths(params).items()}
+    frozen = sum(sizes[p] for p in self.frozen_paths())
+    return {'total': sum(sizes.values()), 'frozen': frozen,
+            'trainable': sum(sizes.values()) - frozen,
+            'frozen_tensors': len(self.frozen_paths()), 'tensors': len(sizes)}
+
+
+def freeze_regex(finetune: Any) -> str:
+  """Combines `finetune.freeze` and `finetune.freeze_stages` into one regex ('' = none)."""
+  parts = []
+  if finetune.get('freeze', ''):
+    parts.append(f'(?:{finetune.freeze})')
+  n = int(finetune.get('freeze_stages', 0))
+  if n < 0:
+    raise UserError(f'config.finetune.freeze_stages: must be >= 0, got {n}')
+  if n > 0:
+    parts.append('^(?:' + '|'.join(['stem'] + [f'stage{i}' for i in range(1, n + 1)]) + ')/')
+  return '|'.join(parts)
+
+
+def _compile(field: str, pattern: str) -> re.Pattern[str]:
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise UserError(f'{field}: invalid regular expression {pattern!r}: {e}') from None
+
+
+def build_param_spec(config: Any, params: Any) -> ParamSpec:
+  """Compiles the config's fine-tuning rules over the actual parameter paths.
+
+  Every pattern must match at least one parameter, so a typo never silently
+  trains what the user meant to freeze.
+  """
+  ft = config.get('finetune', {})
+  paths = list(flat_paths(params))
+  freeze = freeze_regex(ft) if ft else ''
+  freeze_re = _compile('config.finetune.freeze', freeze) if freeze else None
+  if freeze_re is not None and not any(freeze_re.search(p) for p in paths):
+    raise UserError(f'config.finetune.freeze: regex {freeze!r} matches no parameter '
+                    f'(paths look like {paths[0]!r})')
+  head_mult = float(ft.get('head_lr_multiplier', 1.0)) if ft else 1.0
+  stage_mults: list[tuple[re.Pattern[str], float]] = []
+  for item in (ft.get('lr_multipliers', ()) if ft else ()):
+    # Accept 'regex=mult' strings so the field can be overridden from the command line.
+    pattern, _, mult = str(item).rpartition('=')
+    try:
+      value = float(mult)
+    except ValueError:
+      raise UserError(f'config.finetune.lr_multipliers: expected "regex=float", got {item!r}') from None
+    rx = _compile('config.finetune.lr_multipliers', pattern)
+    if not any(rx.search(p) for p in paths):
+      raise UserError(f'config.finetune.lr_multipliers: regex {pattern!r} matches no parameter')
+    stage_mults.append((rx, value))
+  decay_rx = _compile('config.optimizer.weight_decay_regex',
+                      config.optimizer.get('weight_decay_regex', r'(^|/)kernel$'))
+
+  labels: dict[str, str] = {}
+  multipliers: dict[str, float] = {}
+  decay: dict[str, bool] = {}
+  for p in paths:
+    if freeze_re is not None and freeze_re.search(p):
+      labels[p] = FROZEN
+      decay[p] = False
+      continue
+    mult = 1.0
+    for rx, value in stage_mults:  # first match wins, like big_vision's rules.
+      if rx.search(p):
+        mult = value
+        break
+    if p.startswith('head/'):
+      mult *= head_mult
+    label = f'lr_x{mult:g}'
+    labels[p] = label
+    multipliers[label] = mult
+    decay[p] = bool(decay_rx.search(p))
+  if all(l == FROZEN for l in labels.values()):
+    raise UserError('config.finetune.freeze: every parameter is frozen; nothing would train')
+  return ParamSpec(labels=labels, multipliers=multipliers, decay=decay)
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def _base_optimizer(config: Any, lr: optax.Schedule, decay_mask: Any) -> optax.GradientTransformation:
+  oc = config.optimizer
+  wd = float(oc.get('weight_decay', 0.0))
+  if wd < 0:
+    raise UserError(f'config.optimizer.weight_decay: must be >= 0, got {wd}')
+  if oc.name == 'sgd':
+    momentum = float(oc.get('momentum', 0.9))
+    # Coupled L2 (added to the gradient before momentum), as torch.optim.SGD does.
+    return optax.chain(
+        optax.add_decayed_weights(wd, mask=decay_mask) if wd else optax.identity(),
+        optax.sgd(lr, momentum=momentum or None, nesterov=bool(oc.get('nesterov', False))))
+  if oc.name == 'adamw':
+    return optax.adamw(lr, b1=float(oc.get('b1', 0.9)), b2=float(oc.get('b2', 0.999)),
+                       eps=float(oc.get('eps', 1e-8)), weight_decay=wd, mask=decay_mask)
+  raise UserError(f'config.optimizer.name: unknown optimizer {oc.name!r}; choose one of '
+                  f'{", ".join(OPTIMIZERS)}')
+
+
+def make_optimizer(config: Any, spec: ParamSpec, params: Any,
+                   schedule: optax.Schedule) -> optax.GradientTransformation:
+  """optax.partition over the spec's labels: frozen -> set_to_zero, others -> scaled lr."""
+  decay_tree = spec.decay_tree(params)
+  transforms: dict[str, optax.GradientTransformation] = {FROZEN: optax.set_to_zero()}
+  for label, mult in spec.multipliers.items():
+    lr = schedule if mult == 1.0 else (lambda s, m=mult: schedule(s) * m)
+    transforms[label] = _base_optimizer(config, lr, decay_tree)
+  tx = optax.partition(transforms, spec.label_tree(params))
+  clip = float(config.optimizer.get('grad_clip_norm', 0.0))
+  if clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+  return tx
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
+                  label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example softmax cross-entropy in float32, with optional label smoothing."""
+  targets = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def total_steps_from_config(config: Any, num_train_examples: int) -> int:
+  """`num_train_steps` wins when > 0, else `num_epochs` over the training split."""
+  if int(config.num_train_steps) > 0:
+    return int(config.num_train_steps)
+  epochs = float(config.get('num_epochs', 0))
+  if epochs <= 0:
+    raise UserError('config.num_train_steps / config.num_epochs: one of them must be > 0')
+  return max(1, int(math.ceil(epochs * num_train_examples / int(config.batch_size))))
+
+
+__all__ = ['ParamSpec', 'build_param_spec', 'make_optimizer', 'make_schedule',
+           'cross_entropy', 'total_steps_from_config', 'path_str', 'flat_paths', 'FROZEN']
