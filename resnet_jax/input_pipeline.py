@@ -1,0 +1,443 @@
+"""Input pipelines: TFDS datasets by name and image folders, on tf.data.
+
+Data is a function of (seed, step): example order comes from a per-epoch
+permutation keyed by (seed, epoch), and augmentation uses stateless random ops
+keyed by (seed, global example counter). A run resumed at step s therefore sees
+exactly the batches an uninterrupted run would have seen.
+
+Evaluation is deterministic and counts every example once: the last batch is
+padded and carries a mask.
+
+Only this module and `reporting.py` import TensorFlow.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import re
+from typing import Any, Iterator
+
+import numpy as np
+
+from resnet_jax.errors import UserError
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+AUGMENTATIONS = ('auto', 'pad_crop', 'random_resized_crop', 'resize_crop', 'none')
+_IN_MEMORY_MAX_BYTES = 4 << 30
+
+
+def _tf():
+  """Imports TensorFlow with its GPUs hidden, so tf.data never takes accelerator memory."""
+  import tensorflow as tf
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # Already initialised; devices were hidden the first time.
+    pass
+  return tf
+
+
+@dataclasses.dataclass
+class DatasetInfo:
+  """What the rest of the program needs to know about the data."""
+  num_classes: int
+  class_names: list[str]
+  num_train: int
+  num_eval: int
+  image_size: int
+
+
+# --------------------------------------------------------------------------- splits
+
+
+_SLICE_RE = re.compile(r'^([\w\-]+)(?:\[(-?\d*%?):(-?\d*%?)\])?$')
+
+
+def parse_split(field: str, split: str) -> tuple[str, str, str]:
+  """'train[:90%]' -> ('train', '', '90%'). Slices apply per class for image folders."""
+  m = _SLICE_RE.match(split.strip())
+  if not m:
+    raise UserError(f'{field}: cannot parse split {split!r}; use NAME or NAME[start:end] '
+                    f"with integers or percentages, e.g. 'train[:90%]'")
+  return m.group(1), m.group(2) or '', m.group(3) or ''
+
+
+def _slice_bound(text: str, n: int) -> int | None:
+  if not text:
+    return None
+  if text.endswith('%'):
+    return int(round(int(text[:-1]) * n / 100))
+  return int(text)
+
+
+def apply_slice(items: list[Any], start: str, end: str) -> list[Any]:
+  n = len(items)
+  return items[_slice_bound(start, n):_slice_bound(end, n)]
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@dataclasses.dataclass
+class Source:
+  """A split with random access: either file paths or in-memory uint8 images."""
+  labels: np.ndarray
+  paths: np.ndarray | None = None        # object array of str
+  images: np.ndarray | None = None       # uint8 [N, H, W, C]
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def subset(self, idx: np.ndarray) -> 'Source':
+    return Source(labels=self.labels[idx],
+                  paths=None if self.paths is None else self.paths[idx],
+                  images=None if self.images is None else self.images[idx])
+
+
+def _class_subset(config_ds: Any) -> list[str]:
+  classes = config_ds.get('classes', '')
+  if isinstance(classes, (tuple, list)):
+    return [str(c) for c in classes]
+  return [c.strip() for c in str(classes).split(',') if c.strip()]
+
+
+def _check_image(path: str) -> str | None:
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      im.load()
+    return None
+  except Exception as e:  # pylint: disable=broad-except
+    return f'{type(e).__name__}: {e}'
+
+
+def _folder_split(field: str, root: str, split: str, class_names: list[str] | None,
+                  config_ds: Any) -> tuple[Source, list[str]]:
+  name, start, end = parse_split(field, split)
+  split_dir = os.path.join(root, name)
+  if not os.path.isdir(split_dir):
+    raise UserError(f'{field}: split folder {split_dir} does not exist '
+                    f'(image folders are laid out as <data_dir>/<split>/<class>/<image>)')
+  found = sorted(d for d in os.listdir(split_dir)
+                 if os.path.isdir(os.path.join(split_dir, d)) and not d.startswith('.'))
+  if not found:
+    raise UserError(f'{field}: no class folders in {split_dir}')
+  if class_names is None:
+    wanted = _class_subset(config_ds)
+    unknown = [c for c in wanted if c not in found]
+    if unknown:
+      raise UserError(f'config.dataset.classes: {", ".join(unknown)} not found in {split_dir}')
+    class_names = sorted(wanted) if wanted else found
+  else:
+    extra = [c for c in found if c not in class_names and not _class_subset(config_ds)]
+    if extra:
+      raise UserError(f'{field}: classes {", ".join(extra)} in {split_dir} are not in the '
+                      'training split')
+  paths, labels = [], []
+  for label, cls in enumerate(class_names):
+    cdir = os.path.join(split_dir, cls)
+    files = sorted(f for f in os.listdir(cdir) if f.lower().endswith(IMAGE_EXTENSIONS)) \
+        if os.path.isdir(cdir) else []
+    files = apply_slice(files, start, end)
+    paths += [os.path.join(cdir, f) for f in files]
+    labels += [label] * len(files)
+  if not paths:
+    raise UserError(f'{field}: split {split!r} of {root} holds no JPEG or PNG images')
+  if config_ds.get('verify_images', True):
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+      problems = list(pool.map(_check_image, paths))
+    bad = [(p, err) for p, err in zip(paths, problems) if err]
+    if bad:
+      if config_ds.get('on_bad_image', 'skip') == 'error':
+        raise UserError(f'unreadable image {bad[0][0]} ({bad[0][1]}); set '
+                        'config.dataset.on_bad_image=skip to skip such files')
+      for p, err in bad:
+        logging.warning('Skipping unreadable image %s (%s)', p, err)
+      keep = [i for i, e in enumerate(problems) if not e]
+      paths = [paths[i] for i in keep]
+      labels = [labels[i] for i in keep]
+  return Source(labels=np.asarray(labels, np.int32),
+                paths=np.asarray(paths, dtype=object)), class_names
+
+
+def _tfds_builder(config_ds: Any):
+  import tensorflow_datasets as tfds
+  _tf()
+  data_dir = config_ds.get('data_dir', '') or None
+  if data_dir and not os.path.isdir(data_dir):
+    raise UserError(f'config.dataset.data_dir: {data_dir} does not exist')
+  try:
+    builder = tfds.builder(config_ds.name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise UserError(f'config.dataset.name: unknown dataset {config_ds.name!r} (not a TFDS '
+                    "dataset; use name='image_folder' for your own images)") from None
+  if config_ds.get('download', True):
+    try:
+      manual = config_ds.get('manual_dir', '') or None
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    except Exception as e:  # pylint: disable=broad-except
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise UserError(f'could not prepare TFDS dataset {config_ds.name!r} in '
+                      f'{builder.data_dir}: {first[:300]} (offline? prepare it elsewhere '
+                      'and point config.dataset.data_dir at it)') from None
+  if 'label' not in builder.info.features or 'image' not in builder.info.features:
+    raise UserError(f'config.dataset.name: {config_ds.name!r} is not an image '
+                    "classification dataset (needs 'image' and 'label' features)")
+  return builder
+
+
+def _tfds_check_split(builder: Any, field: str, split: str) -> None:
+  name, _, _ = parse_split(field, split)
+  if name not in builder.info.splits:
+    raise UserError(f'{field}: split {name!r} does not exist in {builder.info.name} '
+                    f'(it has {", ".join(builder.info.splits)})')
+
+
+def _tfds_in_memory(builder: Any, split: str, class_names: list[str],
+                    wanted: list[str]) -> Source:
+  import tensorflow_datasets as tfds
+  data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
+  images, labels = np.asarray(data['image']), np.asarray(data['label'], np.int32)
+  if wanted:
+    old = [class_names.index(c) for c in sorted(wanted)]
+    keep = np.isin(labels, old)
+    remap = {o: i for i, o in enumerate(old)}
+    images, labels = images[keep], np.asarray([remap[l] for l in labels[keep]], np.int32)
+  return Source(labels=labels, images=images)
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def _augment_kind(config_ds: Any) -> str:
+  kind = config_ds.get('augment', 'auto')
+  if kind not in AUGMENTATIONS:
+    raise UserError(f'config.dataset.augment: unknown augmentation {kind!r}; choose one of '
+                    f'{", ".join(AUGMENTATIONS)}')
+  if kind == 'auto':
+    return 'pad_crop' if int(config_ds.image_size) <= 64 else 'random_resized_crop'
+  return kind
+
+
+def _resize_shorter(tf: Any, image: Any, size: int) -> Any:
+  shape = tf.shape(image)
+  h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+  scale = tf.cast(size, tf.float32) / tf.minimum(h, w)
+  new = tf.cast(tf.round(tf.stack([h * scale, w * scale])), tf.int32)
+  return tf.image.resize(image, new, method='bilinear', antialias=True)
+
+
+def make_preprocess(config_ds: Any, train: bool):
+  """Returns fn(image uint8 HxWxC, seed int64[2]) -> float32 normalised image."""
+  tf = _tf()
+  size = int(config_ds.image_size)
+  resize_size = int(config_ds.get('resize_size', 0) or 0)
+  kind = _augment_kind(config_ds) if train else 'eval'
+  mean = tf.constant(config_ds.mean, tf.float32) * 255.0
+  std = tf.constant(config_ds.std, tf.float32) * 255.0
+  pad = int(config_ds.get('crop_padding', 4))
+  flip = bool(config_ds.get('flip', True))
+
+  def fn(image, seed):
+    image = tf.cast(image, tf.float32)
+    if image.shape[-1] == 1:
+      image = tf.image.grayscale_to_rgb(image)
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+    if kind == 'pad_crop':
+      image = tf.image.resize(image, (size, size), antialias=True) \
+          if image.shape[0] != size or image.shape[1] != size else image
+      image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+      image = tf.image.stateless_random_crop(image, (size, size, 3), seeds[0])
+    elif kind == 'random_resized_crop':
+      begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+          tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=seeds[0],
+          min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
+          area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
+      image = tf.slice(image, begin, crop)
+      image = tf.image.resize(image, (size, size), method='bilinear', antialias=True)
+    elif kind == 'resize_crop':
+      image = tf.image.resize(image, (resize_size or size, resize_size or size), antialias=True)
+      image = tf.image.stateless_random_crop(image, (size, size, 3), seeds[0])
+    elif kind == 'none':
+      image = tf.image.resize(image, (size, size), antialias=True)
+    else:  # eval: resize (shorter side for large images), centre crop.
+      if resize_size > size:
+        image = _resize_shorter(tf, image, resize_size)
+        h, w = tf.shape(image)[0], tf.shape(image)[1]
+        image = tf.image.crop_to_bounding_box(image, (h - size) // 2, (w - size) // 2, size, size)
+      else:
+        image = tf.image.resize(image, (size, size), antialias=True)
+    if train and flip:
+      image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+    image = tf.ensure_shape(image, (size, size, 3))
+    return (image - mean) / std
+
+  return fn
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
+
+
+def _train_indices(seed: int, n: int, local_batch: int, start_step: int,
+                   process_index: int, process_count: int
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Yields (example indices, global example counters) for each step from `start_step` on.
+
+  Each epoch is one permutation keyed by (seed, epoch); a global batch is
+  `local_batch * process_count` consecutive entries, split between processes.
+  The incomplete global batch at the end of an epoch is dropped.
+  """
+  global_batch = local_batch * process_count
+  steps_per_epoch = n // global_batch
+  if steps_per_epoch == 0:
+    raise UserError(f'config.batch_size: {global_batch} is larger than the training split '
+                    f'({n} examples)')
+  step = start_step
+  while True:
+    epoch, offset = divmod(step, steps_per_epoch)
+    perm = epoch_permutation(seed, epoch, n)
+    for s in range(offset, steps_per_epoch):
+      lo = s * global_batch + process_index * local_batch
+      counters = (epoch * steps_per_epoch + s) * global_batch + process_index * local_batch
+      yield perm[lo:lo + local_batch], counters + np.arange(local_batch)
+    step = (epoch + 1) * steps_per_epoch
+
+
+def _load_example(tf: Any, source: Source):
+  if source.paths is not None:
+    paths = tf.constant(source.paths.astype(str))
+
+    def load(index):
+      data = tf.io.read_file(tf.gather(paths, index))
+      return tf.io.decode_image(data, channels=3, expand_animations=False)
+  else:
+    images = tf.constant(source.images)
+
+    def load(index):
+      return tf.gather(images, index)
+  return load
+
+
+class Data:
+  """Both splits of a dataset and how to iterate them."""
+
+  def __init__(self, config: Any, train: Source | None, eval_: Source,
+               info: DatasetInfo, stream_builder: Any = None):
+    self.config = config
+    self.train_source = train
+    self.eval_source = eval_
+    self.info = info
+    self._builder = stream_builder
+
+  def train_iter(self, local_batch: int, start_step: int = 0, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Infinite iterator of {'image', 'label'} numpy batches from `start_step` on."""
+    tf = _tf()
+    cds = self.config.dataset
+    seed = int(self.config.seed)
+    preprocess = make_preprocess(cds, train=True)
+    labels = tf.constant(self.train_source.labels)
+    load = _load_example(tf, self.train_source)
+    n = len(self.train_source)
+    gen = lambda: _train_indices(seed, n, local_batch, start_step, process_index, process_count)
+    if n // (local_batch * process_count) == 0:
+      raise UserError(f'config.batch_size: {local_batch * process_count} is larger than the '
+                      f'training split ({n} examples)')
+    ds = tf.data.Dataset.from_generator(gen, output_signature=(
+        tf.TensorSpec((local_batch,), tf.int64), tf.TensorSpec((local_batch,), tf.int64)))
+    ds = ds.unbatch()
+
+    def prepare(index, counter):
+      image = preprocess(load(index), tf.stack([tf.constant(seed, tf.int64), counter]))
+      return {'image': image, 'label': tf.gather(labels, index)}
+
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local_batch, drop_remainder=True).prefetch(int(cds.get('prefetch', 4)))
+    return ds.as_numpy_iterator()
+
+  def eval_iter(self, local_batch: int, process_index: int = 0,
+                process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Every eval example exactly once, in order, padded to full batches with a mask."""
+    tf = _tf()
+    source = self.eval_source
+    n = len(source)
+    shard = np.array_split(np.arange(n), process_count)[process_index]
+    num_batches = -(-int(np.ceil(n / process_count)) // local_batch)
+    preprocess = make_preprocess(self.config.dataset, train=False)
+    load = _load_example(tf, source)
+    labels = tf.constant(source.labels)
+    ds = tf.data.Dataset.from_tensor_slices(shard.astype(np.int64))
+    ds = ds.map(lambda i: {'image': preprocess(load(i), tf.zeros([2], tf.int64)),
+                           'label': tf.gather(labels, i)},
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local_batch).prefetch(2)
+    size = int(self.config.dataset.image_size)
+    count = 0
+    for batch in ds.as_numpy_iterator():
+      yield pad_batch(batch, local_batch)
+      count += 1
+    while count < num_batches:  # Equal batch counts on every process.
+      yield pad_batch({'image': np.zeros((0, size, size, 3), np.float32),
+                       'label': np.zeros((0,), np.int32)}, local_batch)
+      count += 1
+
+
+def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  """Pads a batch to `size` examples and adds a 0/1 `mask` of the real ones."""
+  n = len(batch['label'])
+  out = {}
+  for k, v in batch.items():
+    pad = np.zeros((size - n,) + v.shape[1:], v.dtype)
+    out[k] = np.concatenate([v, pad]) if n < size else v
+  out['mask'] = (np.arange(size) < n).astype(np.float32)
+  return out
+
+
+def create_data(config: Any) -> Data:
+  """Resolves the config's dataset; every problem with it is a UserError."""
+  cds = config.dataset
+  size = int(cds.get('image_size', 0))
+  if size <= 0:
+    raise UserError(f'config.dataset.image_size: must be positive, got {size}')
+  _augment_kind(cds)
+  for f in ('mean', 'std'):
+    if len(tuple(cds.get(f, ()))) != 3:
+      raise UserError(f'config.dataset.{f}: needs 3 values (one per channel)')
+  if cds.name == 'image_folder':
+    root = cds.get('data_dir', '')
+    if not root or not os.path.isdir(root):
+      raise UserError(f'config.dataset.data_dir: image folder root {root!r} does not exist')
+    train, class_names = _folder_split('config.dataset.train_split', root,
+                                       cds.train_split, None, cds)
+    eval_, _ = _folder_split('config.dataset.eval_split', root, cds.eval_split,
+                             class_names, cds)
+  else:
+    builder = _tfds_builder(cds)
+    _tfds_check_split(builder, 'config.dataset.train_split', cds.train_split)
+    _tfds_check_split(builder, 'config.dataset.eval_split', cds.eval_split)
+    all_names = list(builder.info.features['label'].names)
+    wanted = _class_subset(cds)
+    unknown = [c for c in wanted if c not in all_names]
+    if unknown:
+      raise UserError(f'config.dataset.classes: {", ".join(unknown)} not in {cds.name}')
+    class_names = sorted(wanted) if wanted else all_names
+    shape = builder.info.features['image'].shape
+    num = builder.info.splits[parse_split('', cds.train_split)[0]].num_examples
+    if None in shape or num * int(np.prod(shape)) > _IN_MEMORY_MAX_BYTES:
+      raise UserError(f'config.dataset.name: {cds.name} is too large to hold in memory; '
+                      'extract it as an image folder and use name=image_folder')
+    train = _tfds_in_memory(builder, cds.train_split, all_names, wanted)
+    eval_ = _tfds_in_memory(builder, cds.eval_split, all_names, wanted)
+  info = DatasetInfo(num_classes=len(class_names), class_names=list(class_names),
+                     num_train=len(train), num_eval=len(eval_), image_size=size)
+  if info.num_eval == 0 or info.num_train == 0:
+    raise UserError(f'config.dataset: the train split ({info.num_train} examples) and the '
+                    f'eval split ({info.num_eval}) must both be non-empty')
+  return Data(config, train, eval_, info)
