@@ -1,0 +1,83 @@
+"""Base config: every experiment imports this and adjusts it.
+
+Fields are never None and never lists, so every one can be overridden from the
+command line (`--config.optimizer.learning_rate=0.05`).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.parallelism = 'jit'          # 'jit' (mesh + NamedSharding) or 'pmap'.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'resnet18'      # resnet18..200, resnet20/32/44/56/110 (CIFAR family).
+  c.model.stem = ''              # '' = the architecture's own; 'imagenet' or 'cifar'.
+  c.model.width_multiplier = 1.0
+  c.model.zero_init_residual = False
+  c.model.dropout_rate = 0.0
+  c.model.dtype = 'float32'      # Compute dtype; parameters stay float32.
+  c.model.bn_momentum = 0.9      # Flax convention (PyTorch's 0.1).
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'cifar10'     # Any TFDS image classification dataset, or 'image_folder'.
+  c.dataset.data_dir = ''        # TFDS data_dir, or the image folder root.
+  c.dataset.manual_dir = ''      # TFDS manual downloads (imagenet2012).
+  c.dataset.download = True
+  c.dataset.train_split = 'train'
+  c.dataset.eval_split = 'test'
+  c.dataset.classes = ''         # Comma-separated subset of class names ('' = all).
+  c.dataset.image_size = 32
+  c.dataset.resize_size = 0      # Eval resize before centre crop, or resize_crop's size.
+  c.dataset.augment = 'auto'     # auto, pad_crop, random_resized_crop, resize_crop, none.
+  c.dataset.crop_padding = 4
+  c.dataset.flip = True
+  c.dataset.mean = (0.4914, 0.4822, 0.4465)
+  c.dataset.std = (0.2470, 0.2435, 0.2616)
+  c.dataset.verify_images = True  # Decode every image-folder file once at start.
+  c.dataset.on_bad_image = 'skip'  # 'skip' (warn, naming the file) or 'error'.
+  c.dataset.prefetch = 4
+
+  c.batch_size = 128
+  c.eval_batch_size = 500
+  c.num_train_steps = -1         # Wins when > 0.
+  c.num_epochs = 1.0
+  c.grad_accum_steps = 1
+  c.label_smoothing = 0.0
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'sgd'       # 'sgd' or 'adamw'.
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = True
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.weight_decay_regex = r'(^|/)kernel$'  # Skips BatchNorm and biases.
+  c.optimizer.grad_clip_norm = 0.0
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = 'cosine'     # constant, cosine, linear, piecewise.
+  c.schedule.warmup_steps = 0
+  c.schedule.end_factor = 0.0    # Final lr as a fraction of the peak (cosine, linear).
+  c.schedule.boundaries = (0.5, 0.75)  # piecewise: fractions of the run.
+  c.schedule.decay_factor = 0.1
+
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.init_from = ''      # '' | workdir or checkpoint dir | *.safetensors/*.pth | torchvision:<arch>
+  c.finetune.cache_dir = '~/.cache/resnet_jax'
+  c.finetune.dont_load = '^head/'
+  c.finetune.reset_head = True
+  c.finetune.freeze = ''         # Regex over parameter paths, e.g. '^(stem|stage1)/'.
+  c.finetune.freeze_stages = 0   # Freeze the stem and the first N stages.
+  c.finetune.head_lr_multiplier = 1.0
+  c.finetune.lr_multipliers = ()  # ('regex=mult', ...): first match wins.
+
+  c.log_every_steps = 50
+  c.eval_every_steps = 0         # 0 = at the end only.
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 2
+  return c

@@ -1,0 +1,84 @@
+"""Command line: `python -m resnet_jax.main --config=configs/<name>.py --workdir=DIR`.
+
+Bad input of any kind (unknown names, missing paths, wrong types in overrides)
+ends with one line on stderr naming the problem, exit code 2, and no traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from resnet_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Path to an experiment config file.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and reports.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (resumes if possible) or eval.')
+flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'], 'Which checkpoint --mode=eval uses.')
+
+
+def _fail(message: str, code: int = 2) -> None:
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing, but a bad flag or override is one line, not a usage dump."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0] if str(e) else 'bad command-line flags')
+  except Exception as e:  # pylint: disable=broad-except
+    # config files that fail to load or overrides of the wrong type end up here.
+    msg = str(e).strip().splitlines()
+    _fail(f'{type(e).__name__}: {msg[-1] if msg else ""}')
+  return []
+
+
+class _QuietLibraries(logging.Filter):
+  """Drops INFO chatter from Orbax and friends (their warnings still show)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    noisy = any(f'/{m}/' in record.pathname for m in ('orbax', 'etils', 'tensorflow_datasets'))
+    return record.levelno >= logging.WARNING or not noisy
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  if FLAGS.config is None:
+    _fail('--config is required, e.g. --config=configs/cifar10.py')
+  if not FLAGS.workdir:
+    _fail('--workdir is required')
+  from resnet_jax import train  # After flag parsing: importing JAX takes a while.
+  root = logging.getLogger()
+  root.setLevel(logging.INFO)
+  for handler in root.handlers:
+    handler.addFilter(_QuietLibraries())
+  workdir = os.path.abspath(FLAGS.workdir)
+  try:
+    if FLAGS.mode == 'eval':
+      train.evaluate_checkpoint(FLAGS.config, workdir, FLAGS.checkpoint)
+    else:
+      train.train_and_evaluate(FLAGS.config, workdir)
+  except UserError as e:
+    _fail(str(e))
+  except train.Preempted as e:
+    print(f'preempted: {e}', file=sys.stderr, flush=True)
+    sys.exit(128 + e.signum)
+  except FloatingPointError as e:
+    _fail(str(e), code=3)
+
+
+def run() -> None:
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == '__main__':
+  run()

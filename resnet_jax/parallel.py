@@ -1,0 +1,88 @@
+"""Data parallelism: one step body, wrapped by `jax.jit` over a mesh or by `jax.pmap`.
+
+* `jit`: a 1-D mesh over all devices; the batch is sharded on its leading axis
+  and the state replicated. XLA inserts the cross-device reductions, so BatchNorm
+  statistics are already global and its `axis_name` must be None.
+* `pmap`: each device holds a replica; the step body averages gradients, metrics
+  and BatchNorm statistics over `axis_name` explicitly.
+
+Multi-host: each process feeds its local slice of the global batch; `jit` builds
+global arrays from the local pieces.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from resnet_jax.errors import UserError
+
+PMAP_AXIS = 'batch'
+MODES = ('jit', 'pmap')
+
+
+class Parallel:
+  """How arrays are placed and steps compiled for one parallelism mode."""
+
+  def __init__(self, mode: str = 'jit'):
+    if mode not in MODES:
+      raise UserError(f'config.parallelism: unknown mode {mode!r}; choose jit or pmap')
+    self.mode = mode
+    self.devices = jax.devices()
+    self.local_devices = jax.local_devices()
+    self.mesh = Mesh(np.asarray(self.devices), ('data',))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P('data'))
+
+  @property
+  def bn_axis_name(self) -> str | None:
+    return PMAP_AXIS if self.mode == 'pmap' else None
+
+  @property
+  def step_axis_name(self) -> str | None:
+    return PMAP_AXIS if self.mode == 'pmap' else None
+
+  def check_batch(self, field: str, global_batch: int) -> int:
+    """Validates a global batch size and returns the per-process batch size."""
+    if global_batch <= 0:
+      raise UserError(f'{field}: must be positive, got {global_batch}')
+    n = len(self.devices)
+    if global_batch % n:
+      raise UserError(f'{field}: {global_batch} does not divide over {n} devices')
+    return global_batch // jax.process_count()
+
+  def put_state(self, state: Any) -> Any:
+    if self.mode == 'jit':
+      return jax.device_put(state, self.replicated)
+    return jax.device_put_replicated(state, self.local_devices)
+
+  def get_state(self, state: Any) -> Any:
+    """A host copy of one replica (numpy arrays)."""
+    if self.mode == 'pmap':
+      state = jax.tree.map(lambda x: x[0], state)
+    return jax.device_get(state)
+
+  def put_batch(self, batch: dict[str, np.ndarray]) -> Any:
+    if self.mode == 'jit':
+      return jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), batch)
+    d = len(self.local_devices)
+    return jax.tree.map(lambda x: x.reshape((d, -1) + x.shape[1:]), batch)
+
+  def compile(self, fn: Callable[..., Any], donate_state: bool = True) -> Callable[..., Any]:
+    """Wraps fn(state, batch) -> (state_or_metrics, ...) for this mode."""
+    donate = (0,) if donate_state else ()
+    if self.mode == 'jit':
+      return jax.jit(fn, donate_argnums=donate)
+    return jax.pmap(functools.partial(fn, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS,
+                    donate_argnums=donate)
+
+  def get_metrics(self, metrics: Any) -> Any:
+    """Host values of metrics that are identical on every replica."""
+    if self.mode == 'pmap':
+      metrics = jax.tree.map(lambda x: x[0], metrics)
+    return jax.device_get(metrics)

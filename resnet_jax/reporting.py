@@ -1,0 +1,194 @@
+"""What a person reads: clu metric writers, progress, eval_results.json and pictures.
+
+Writes into the workdir:
+  * TensorBoard events and console lines (clu `create_default_writer`);
+  * `eval_results.json` after every evaluation (atomically replaced);
+  * `history.jsonl`, one line per logged train step or evaluation, which the
+    curves are drawn from and which survives resumption;
+  * at the end: `confusion_matrix.png`, `training_curves.png` and a
+    classification-report table on the console.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def per_class_report(confusion: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+  """Precision, recall, F1 and support per class (rows: true, columns: predicted)."""
+  confusion = np.asarray(confusion, np.float64)
+  tp = np.diag(confusion)
+  support = confusion.sum(1)
+  predicted = confusion.sum(0)
+  precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+  recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+  denom = precision + recall
+  f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+  per_class = {name: {'precision': float(precision[i]), 'recall': float(recall[i]),
+                      'f1': float(f1[i]), 'support': int(support[i])}
+               for i, name in enumerate(class_names)}
+  weights = support / max(support.sum(), 1)
+  averages = {
+      'macro': {'precision': float(precision.mean()), 'recall': float(recall.mean()),
+                'f1': float(f1.mean()), 'support': int(support.sum())},
+      'weighted': {'precision': float((precision * weights).sum()),
+                   'recall': float((recall * weights).sum()),
+                   'f1': float((f1 * weights).sum()), 'support': int(support.sum())},
+  }
+  return {'per_class': per_class, 'averages': averages}
+
+
+def format_report(report: dict[str, Any]) -> str:
+  """A classification-report table, like scikit-learn's."""
+  names = list(report['per_class']) + ['macro avg', 'weighted avg']
+  width = max(12, max(len(n) for n in names))
+  lines = [f'{"":>{width}}  precision  recall  f1-score  support']
+  rows = list(report['per_class'].items()) + [('macro avg', report['averages']['macro']),
+                                              ('weighted avg', report['averages']['weighted'])]
+  for i, (name, r) in enumerate(rows):
+    if i == len(report['per_class']):
+      lines.append('')
+    lines.append(f'{name:>{width}}  {r["precision"]:9.4f}  {r["recall"]:6.4f}  '
+                 f'{r["f1"]:8.4f}  {r["support"]:7d}')
+  return '\n'.join(lines)
+
+
+def _plt():
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def save_confusion_png(path: str, confusion: np.ndarray, class_names: list[str]) -> None:
+  plt = _plt()
+  n = len(class_names)
+  size = min(4 + 0.45 * n, 40)
+  fig, ax = plt.subplots(figsize=(size, size))
+  ax.imshow(confusion, cmap='Blues')
+  labels = n <= 50
+  if labels:
+    ax.set_xticks(range(n), class_names, rotation=90)
+    ax.set_yticks(range(n), class_names)
+    if n <= 20:
+      peak = confusion.max() or 1
+      for i in range(n):
+        for j in range(n):
+          ax.text(j, i, int(confusion[i, j]), ha='center', va='center', fontsize=8,
+                  color='white' if confusion[i, j] > peak / 2 else 'black')
+  ax.set_xlabel('predicted')
+  ax.set_ylabel('true')
+  ax.set_title(f'Confusion matrix ({int(confusion.sum())} examples)')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def save_curves_png(path: str, history: list[dict[str, Any]]) -> None:
+  plt = _plt()
+  train = [h for h in history if h['kind'] == 'train']
+  evals = [h for h in history if h['kind'] == 'eval']
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  if train:
+    steps = [h['step'] for h in train]
+    axes[0].plot(steps, [h['loss'] for h in train], label='train')
+    axes[1].plot(steps, [h['accuracy'] for h in train], label='train')
+    axes[2].plot(steps, [h['learning_rate'] for h in train])
+  if evals:
+    steps = [h['step'] for h in evals]
+    axes[0].plot(steps, [h['loss'] for h in evals], 'o-', label='eval')
+    axes[1].plot(steps, [h['accuracy'] for h in evals], 'o-', label='eval')
+  for ax, title in zip(axes, ('loss', 'accuracy', 'learning rate')):
+    ax.set_title(title)
+    ax.set_xlabel('step')
+  axes[0].legend()
+  axes[1].legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+class Reporter:
+  """clu writers and progress, plus the workdir's JSON and PNG reports."""
+
+  def __init__(self, workdir: str, class_names: list[str], total_steps: int):
+    from clu import metric_writers, periodic_actions
+    self.workdir = workdir
+    self.class_names = class_names
+    self.lead = jax.process_index() == 0
+    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.lead)
+    self.progress = periodic_actions.ReportProgress(num_train_steps=total_steps,
+                                                    writer=self.writer, every_secs=30)
+    self.history_path = os.path.join(workdir, 'history.jsonl')
+
+  def tick(self, step: int) -> None:
+    self.progress(step)
+
+  def parameter_overview(self, params: Any) -> None:
+    from clu import parameter_overview
+    parameter_overview.log_parameter_overview(params)
+
+  def _history(self, record: dict[str, Any]) -> None:
+    if self.lead:
+      with open(self.history_path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+  def train_metrics(self, step: int, means: dict[str, float]) -> None:
+    self.writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
+    self._history({'kind': 'train', 'step': step, **means})
+
+  def eval_results(self, step: int, res: dict[str, Any], final: bool,
+                   checkpoint: str | None = None) -> dict[str, Any]:
+    """Writes eval_results.json (and at the end, the pictures and the table)."""
+    confusion = res['confusion']
+    report = per_class_report(confusion, self.class_names)
+    results = {'step': int(step), 'accuracy': res['accuracy'], 'loss': res['loss'],
+               'num_examples': res['num_examples']}
+    if len(self.class_names) >= 5:
+      results['top5_accuracy'] = res['top5_accuracy']
+    if checkpoint:
+      results['checkpoint'] = checkpoint
+    results.update(report)
+    results['class_names'] = self.class_names
+    results['confusion_matrix'] = confusion.tolist()
+    self.writer.write_scalars(step, {f'eval/{k}': results[k] for k in
+                                     ('accuracy', 'loss', 'top5_accuracy') if k in results})
+    self._history({'kind': 'eval', 'step': int(step), 'accuracy': res['accuracy'],
+                   'loss': res['loss']})
+    logging.info('Eval at step %d: accuracy %.4f, loss %.4f over %d examples', step,
+                 res['accuracy'], res['loss'], res['num_examples'])
+    if self.lead:
+      path = os.path.join(self.workdir, 'eval_results.json')
+      with open(path + '.tmp', 'w') as f:
+        json.dump(results, f, indent=2)
+      os.replace(path + '.tmp', path)
+      if final:
+        print(format_report(report), flush=True)
+        save_confusion_png(os.path.join(self.workdir, 'confusion_matrix.png'), confusion,
+                           self.class_names)
+        history = self.read_history()
+        if history:
+          save_curves_png(os.path.join(self.workdir, 'training_curves.png'), history)
+    return results
+
+  def read_history(self) -> list[dict[str, Any]]:
+    if not os.path.exists(self.history_path):
+      return []
+    latest: dict[tuple[str, int], dict[str, Any]] = {}
+    with open(self.history_path) as f:
+      for line in f:
+        if line.strip():
+          record = json.loads(line)
+          # A resumed run logs some steps again; the newest record of a step wins.
+          latest[(record['kind'], record['step'])] = record
+    return sorted(latest.values(), key=lambda r: (r['step'], r['kind']))
+
+  def close(self) -> None:
+    self.writer.flush()
+    self.writer.close()

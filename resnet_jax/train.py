@@ -1,0 +1,356 @@
+"""The training loop: init or restore, steps, evaluation, checkpoints, reports.
+
+The step functions here are TensorFlow-free; `train_and_evaluate` pulls in the
+input pipeline and the metric writers, which are not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from resnet_jax import checkpointing, models, optim, parallel
+from resnet_jax.errors import UserError
+
+State = dict[str, Any]  # {'step', 'params', 'batch_stats', 'opt_state'}
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, num_classes: int, label_smoothing: float = 0.0,
+                    grad_accum_steps: int = 1, base_rng: jax.Array | None = None
+                    ) -> Callable[..., tuple[State, dict[str, jax.Array]]]:
+  """One step body for jit and pmap; only `axis_name` differs between them.
+
+  With `grad_accum_steps` = k the batch is cut into k micro-batches whose
+  gradients are averaged before one update: the same update as the full batch,
+  except that BatchNorm normalises each micro-batch with its own statistics and
+  updates its running averages k times (as k small steps would).
+  """
+  base_rng = jax.random.key(0) if base_rng is None else base_rng
+
+  def loss_fn(params, batch_stats, images, labels, rng):
+    logits, mutated = model.apply({'params': params, 'batch_stats': batch_stats}, images,
+                                  train=True, mutable=['batch_stats'], rngs={'dropout': rng})
+    loss = optim.cross_entropy(logits, labels, num_classes, label_smoothing).mean()
+    correct = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return loss, (mutated['batch_stats'], correct)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: State, batch: dict[str, jax.Array], axis_name: str | None = None):
+    rng = jax.random.fold_in(base_rng, state['step'])
+    if axis_name is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    images, labels = batch['image'], batch['label']
+    if grad_accum_steps == 1:
+      (loss, (batch_stats, acc)), grads = grad_fn(state['params'], state['batch_stats'],
+                                                  images, labels, rng)
+    else:
+      k = grad_accum_steps
+      micro = lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:])
+
+      def body(carry, xs):
+        bs, gsum, lsum, asum = carry
+        (l, (bs, a)), g = grad_fn(state['params'], bs, xs[0], xs[1],
+                                  jax.random.fold_in(rng, xs[2]))
+        return (bs, jax.tree.map(jnp.add, gsum, g), lsum + l, asum + a), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state['params'])
+      (batch_stats, gsum, lsum, asum), _ = jax.lax.scan(
+          body, (state['batch_stats'], zeros, 0.0, 0.0),
+          (micro(images), micro(labels), jnp.arange(k)))
+      grads = jax.tree.map(lambda g: g / k, gsum)
+      loss, acc = lsum / k, asum / k
+    if axis_name is not None:
+      grads = jax.lax.pmean(grads, axis_name)
+      batch_stats = jax.lax.pmean(batch_stats, axis_name)
+      loss, acc = jax.lax.pmean((loss, acc), axis_name)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    new_state = {'step': state['step'] + 1, 'params': params, 'batch_stats': batch_stats,
+                 'opt_state': opt_state}
+    metrics = {'loss': loss, 'accuracy': acc, 'learning_rate': schedule(state['step']),
+               'grad_norm': optax.global_norm(grads)}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: models.ResNet, num_classes: int) -> Callable[..., dict[str, jax.Array]]:
+  """Masked sums over a batch, including the confusion matrix (true class x predicted)."""
+
+  def eval_step(state: State, batch: dict[str, jax.Array], axis_name: str | None = None):
+    logits = model.apply({'params': state['params'], 'batch_stats': state['batch_stats']},
+                         batch['image'], train=False)
+    labels, mask = batch['label'], batch['mask']
+    loss = optim.cross_entropy(logits, labels, num_classes)
+    pred = jnp.argmax(logits, -1)
+    k = min(5, num_classes)
+    top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
+    confusion = jnp.einsum('n,ni,nj->ij', mask, jax.nn.one_hot(labels, num_classes),
+                           jax.nn.one_hot(pred, num_classes))
+    sums = {'loss': jnp.sum(loss * mask), 'correct': jnp.sum((pred == labels) * mask),
+            'correct_top5': jnp.sum(top5 * mask), 'count': jnp.sum(mask),
+            'confusion': confusion}
+    if axis_name is not None:
+      sums = jax.lax.psum(sums, axis_name)
+    return sums
+
+  return eval_step
+
+
+def evaluate(par: parallel.Parallel, eval_step: Callable[..., Any], state: Any,
+             batches: Any) -> dict[str, Any]:
+  """Runs eval_step over all batches; returns totals with every example counted once."""
+  totals = None
+  for batch in batches:
+    sums = eval_step(state, par.put_batch(batch))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise UserError('config.dataset.eval_split: the eval split is empty')
+  totals = par.get_metrics(totals)
+  n = float(totals['count'])
+  return {'num_examples': int(round(n)), 'loss': float(totals['loss']) / n,
+          'accuracy': float(totals['correct']) / n,
+          'top5_accuracy': float(totals['correct_top5']) / n,
+          'confusion': np.asarray(totals['confusion']).round().astype(np.int64)}
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks that need no data or devices, so bad settings fail before any work."""
+  if config.get('mode_eval_checkpoint', 'latest') not in ('latest', 'best'):
+    raise UserError('config.mode_eval_checkpoint: choose latest or best')
+  for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
+    if int(config.get(field, 0)) < 0:
+      raise UserError(f'config.{field}: must be >= 0, got {config.get(field)}')
+  if int(config.get('grad_accum_steps', 1)) < 1:
+    raise UserError(f'config.grad_accum_steps: must be >= 1, got {config.grad_accum_steps}')
+  if not 0.0 <= float(config.get('label_smoothing', 0.0)) < 1.0:
+    raise UserError(f'config.label_smoothing: must be in [0, 1), got {config.label_smoothing}')
+  if config.optimizer.name not in optim.OPTIMIZERS:
+    raise UserError(f'config.optimizer.name: unknown optimizer {config.optimizer.name!r}; '
+                    f'choose one of {", ".join(optim.OPTIMIZERS)}')
+  if config.schedule.name not in optim.SCHEDULES:
+    raise UserError(f'config.schedule.name: unknown schedule {config.schedule.name!r}; '
+                    f'choose one of {", ".join(optim.SCHEDULES)}')
+  if config.model.name not in models.ARCHS:
+    raise UserError(f'config.model.name: unknown model {config.model.name!r}; choose one of '
+                    f'{", ".join(models.ARCHS)}')
+
+
+class Setup:
+  """Everything a run needs that follows from the config and the data."""
+
+  def __init__(self, config: ml_collections.ConfigDict, num_classes: int, num_train: int,
+               image_size: int):
+    self.config = config
+    self.par = parallel.Parallel(config.get('parallelism', 'jit'))
+    self.local_batch = self.par.check_batch('config.batch_size', int(config.batch_size))
+    self.local_eval_batch = self.par.check_batch('config.eval_batch_size',
+                                                 int(config.eval_batch_size))
+    k = int(config.get('grad_accum_steps', 1))
+    if (int(config.batch_size) // len(self.par.devices)) % k:
+      raise UserError(f'config.grad_accum_steps: {k} does not divide the per-device batch '
+                      f'{int(config.batch_size) // len(self.par.devices)}')
+    self.num_classes = num_classes
+    self.total_steps = optim.total_steps_from_config(config, num_train)
+    self.schedule = optim.make_schedule(config, self.total_steps)
+    rng = jax.random.key(int(config.seed))
+    self.init_rng, self.dropout_rng = jax.random.split(rng)
+    plain = models.create_model(config.model, num_classes)
+    variables = jax.jit(lambda r: models.init_variables(plain, r, image_size))(self.init_rng)
+    self.fresh_variables = jax.device_get(variables)
+    # The spec needs the parameter tree; the model needs the spec. Build both in turn.
+    self.spec = optim.build_param_spec(config, self.fresh_variables['params'])
+    self.model = models.create_model(config.model, num_classes,
+                                     bn_axis_name=self.par.bn_axis_name,
+                                     frozen_bn=self.spec.frozen_bn,
+                                     stop_gradient_after=self.spec.stop_gradient_after)
+    self.eval_model = models.create_model(config.model, num_classes)
+
+  def make_state(self, variables: dict[str, Any]) -> State:
+    params = variables['params']
+    self.tx = optim.make_optimizer(self.config, self.spec, params, self.schedule)
+    return {'step': jnp.asarray(0, jnp.int32), 'params': params,
+            'batch_stats': variables.get('batch_stats', {}),
+            'opt_state': self.tx.init(params)}
+
+  def steps(self):
+    train_step = make_train_step(
+        self.model, self.tx, self.schedule, self.num_classes,
+        float(self.config.get('label_smoothing', 0.0)),
+        int(self.config.get('grad_accum_steps', 1)), self.dropout_rng)
+    eval_step = make_eval_step(self.eval_model, self.num_classes)
+    return self.par.compile(train_step), self.par.compile(eval_step, donate_state=False)
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+class _Preemption:
+  """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._old = {}
+
+  def __enter__(self):
+    for s in (signal.SIGTERM, signal.SIGINT):
+      self._old[s] = signal.signal(s, self._handle)
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    if self.signum is not None:  # A second signal: stop at once.
+      signal.signal(signum, self._old[signum])
+      os.kill(os.getpid(), signum)
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+
+
+class Preempted(Exception):
+  def __init__(self, step: int, signum: int):
+    super().__init__(f'stopped by signal {signum} at step {step}; checkpoint saved, rerun the '
+                     'same command to resume')
+    self.step, self.signum = step, signum
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from the workdir if it holds a checkpoint) and evaluates."""
+  from resnet_jax import input_pipeline, pretrained, reporting  # TensorFlow lives here.
+
+  validate_config(config)
+  data = input_pipeline.create_data(config)
+  info = data.info
+  setup = Setup(config, info.num_classes, info.num_train, info.image_size)
+  variables = pretrained.initial_variables(config, setup.fresh_variables)
+  state = setup.make_state(variables)
+  train_step, eval_step = setup.steps()
+
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpointing.Checkpointer(workdir, keep=int(config.get('keep_checkpoints', 2)))
+  restored = ckpt.restore_newest_valid(jax.device_get(state))
+  start_step = 0
+  if restored is not None:
+    start_step, state, meta = restored
+    if meta.get('class_names') and meta['class_names'] != info.class_names:
+      raise UserError(f'workdir {workdir}: its checkpoint was trained on other classes '
+                      f'({len(meta["class_names"])}); use a new workdir')
+    logging.info('Resuming from step %d of %s', start_step, ckpt.directory)
+  if jax.process_index() == 0:
+    _write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
+
+  rep = reporting.Reporter(workdir, info.class_names, setup.total_steps)
+  summary = setup.spec.summary(state['params'])
+  logging.info('Parameters: %d total, %d trainable, %d frozen (%d of %d tensors frozen)',
+               summary['total'], summary['trainable'], summary['frozen'],
+               summary['frozen_tensors'], summary['tensors'])
+  if start_step == 0:
+    rep.parameter_overview(state['params'])
+  state = setup.par.put_state(state)
+
+  meta = {'class_names': info.class_names, 'num_classes': info.num_classes}
+  total = setup.total_steps
+  log_every = int(config.log_every_steps) or total
+  eval_every = int(config.eval_every_steps) or total
+  ckpt_every = int(config.checkpoint_every_steps) or total
+  train_iter = data.train_iter(setup.local_batch, start_step, jax.process_index(),
+                               jax.process_count())
+  results: dict[str, Any] = {}
+  pending: list[Any] = []
+  step = start_step
+  with _Preemption() as preempt:
+    while step < total:
+      batch = setup.par.put_batch(next(train_iter))
+      state, metrics = train_step(state, batch)
+      pending.append(metrics)
+      step += 1
+      rep.tick(step)
+      if step % log_every == 0 or step == total:
+        host = [setup.par.get_metrics(m) for m in pending]
+        pending = []
+        means = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+        if not np.isfinite(means['loss']):
+          raise FloatingPointError(f'non-finite training loss {means["loss"]} at step {step}; '
+                                   'no checkpoint written (lower the learning rate?)')
+        rep.train_metrics(step, means)
+      if step % eval_every == 0 or step == total:
+        res = evaluate(setup.par, eval_step, state,
+                       data.eval_iter(setup.local_eval_batch, jax.process_index(),
+                                      jax.process_count()))
+        results = rep.eval_results(step, res, final=step == total)
+        ckpt.save(step, setup.par.get_state(state), {**meta, 'eval': results_brief(results)},
+                  metrics={'accuracy': results['accuracy']})
+      elif step % ckpt_every == 0:
+        ckpt.save(step, setup.par.get_state(state), meta)
+      if preempt.signum is not None:
+        ckpt.save(step, setup.par.get_state(state), meta)
+        ckpt.close()
+        rep.close()
+        raise Preempted(step, preempt.signum)
+  ckpt.close()
+  if start_step >= total and not results:
+    logging.info('Workdir already holds the final step %d; evaluating it.', start_step)
+    res = evaluate(setup.par, eval_step, state,
+                   data.eval_iter(setup.local_eval_batch, jax.process_index(), jax.process_count()))
+    results = rep.eval_results(start_step, res, final=True)
+  rep.close()
+  return results
+
+
+def results_brief(results: dict[str, Any]) -> dict[str, Any]:
+  return {k: results[k] for k in ('step', 'accuracy', 'loss', 'num_examples') if k in results}
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        which: str = 'latest') -> dict[str, Any]:
+  """--mode=eval: evaluates the newest (or best) checkpoint and writes the report."""
+  from resnet_jax import input_pipeline, reporting
+
+  validate_config(config)
+  if which not in ('latest', 'best'):
+    raise UserError(f'--checkpoint: choose latest or best, got {which!r}')
+  if not os.path.isdir(checkpointing.checkpoint_dir(workdir)) or not os.listdir(
+      checkpointing.checkpoint_dir(workdir)):
+    raise UserError(f'--mode=eval: no checkpoint in {os.path.abspath(workdir)}')
+  data = input_pipeline.create_data(config)
+  info = data.info
+  setup = Setup(config, info.num_classes, info.num_train, info.image_size)
+  state = setup.make_state(setup.fresh_variables)
+  _, eval_step = setup.steps()
+  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
+  restored = ckpt.restore_newest_valid(jax.device_get(state), which=which)
+  if restored is None:
+    raise UserError(f'--mode=eval: no readable checkpoint in {ckpt.directory}')
+  step, state, _ = restored
+  rep = reporting.Reporter(workdir, info.class_names, setup.total_steps)
+  res = evaluate(setup.par, eval_step, setup.par.put_state(state),
+                 data.eval_iter(setup.local_eval_batch, jax.process_index(), jax.process_count()))
+  results = rep.eval_results(step, res, final=True, checkpoint=which)
+  rep.close()
+  return results
+
