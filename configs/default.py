@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.classes = ''         # Comma-separated subset of class names ('' = all).
   c.dataset.image_size = 32
   c.dataset.resize_size = 0      # Eval resize before centre crop, or resize_crop's size.
+  c.dataset.eval_crop = True     # Eval: resize to resize_size, centre-crop image_size.
   c.dataset.augment = 'auto'     # auto, pad_crop, random_resized_crop, resize_crop, none.
   c.dataset.crop_padding = 4
   c.dataset.flip = True
@@ -39,6 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.verify_images = True  # Decode every image-folder file once at start.
   c.dataset.on_bad_image = 'skip'  # 'skip' (warn, naming the file) or 'error'.
   c.dataset.prefetch = 4
+  c.dataset.in_memory = 'auto'   # TFDS: hold decoded splits in memory (auto: if < 4 GiB), or stream.
+  c.dataset.shuffle_buffer = 16384  # Streaming TFDS only.
 
   c.batch_size = 128
   c.eval_batch_size = 500

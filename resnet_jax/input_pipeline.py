@@ -96,6 +96,17 @@ class Source:
                   images=None if self.images is None else self.images[idx])
 
 
+@dataclasses.dataclass
+class StreamSource:
+  """A TFDS split too large for memory, read as a stream of encoded records."""
+  builder: Any
+  split: str
+  num_examples: int
+
+  def __len__(self) -> int:
+    return self.num_examples
+
+
 def _class_subset(config_ds: Any) -> list[str]:
   classes = config_ds.get('classes', '')
   if isinstance(classes, (tuple, list)):
@@ -191,16 +202,35 @@ def _tfds_builder(config_ds: Any):
 
 def _tfds_check_split(builder: Any, field: str, split: str) -> None:
   name, _, _ = parse_split(field, split)
-  if name not in builder.info.splits:
+  known = list(builder.info.splits)
+  if known and name not in known:  # No metadata (e.g. under tfds.testing.mock_data): let TFDS decide.
     raise UserError(f'{field}: split {name!r} does not exist in {builder.info.name} '
                     f'(it has {", ".join(builder.info.splits)})')
+
+
+def _split_size(builder: Any, split: str) -> int:
+  try:
+    return int(builder.info.splits[split].num_examples)
+  except Exception:  # pylint: disable=broad-except
+    # No metadata (mock data): count the records once.
+    return int(builder.as_dataset(split=split).reduce(0, lambda n, _: n + 1))
 
 
 def _tfds_in_memory(builder: Any, split: str, class_names: list[str],
                     wanted: list[str]) -> Source:
   import tensorflow_datasets as tfds
-  data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
-  images, labels = np.asarray(data['image']), np.asarray(data['label'], np.int32)
+  try:
+    ds = builder.as_dataset(split=split, shuffle_files=False)
+    ds = ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']}).batch(4096)
+    parts = list(tfds.as_numpy(ds))
+  except Exception as e:  # pylint: disable=broad-except
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise UserError(f'config.dataset: cannot read split {split!r} of {builder.info.name}: '
+                    f'{first[:300]}') from None
+  if not parts:
+    raise UserError(f'config.dataset: split {split!r} of {builder.info.name} is empty')
+  images = np.concatenate([p['image'] for p in parts])
+  labels = np.concatenate([p['label'] for p in parts]).astype(np.int32)
   if wanted:
     old = [class_names.index(c) for c in sorted(wanted)]
     keep = np.isin(labels, old)
@@ -240,6 +270,7 @@ def make_preprocess(config_ds: Any, train: bool):
   std = tf.constant(config_ds.std, tf.float32) * 255.0
   pad = int(config_ds.get('crop_padding', 4))
   flip = bool(config_ds.get('flip', True))
+  eval_crop = bool(config_ds.get('eval_crop', True))
 
   def fn(image, seed):
     image = tf.cast(image, tf.float32)
@@ -264,7 +295,7 @@ def make_preprocess(config_ds: Any, train: bool):
     elif kind == 'none':
       image = tf.image.resize(image, (size, size), antialias=True)
     else:  # eval: resize (shorter side for large images), centre crop.
-      if resize_size > size:
+      if resize_size > size and eval_crop:
         image = _resize_shorter(tf, image, resize_size)
         h, w = tf.shape(image)[0], tf.shape(image)[1]
         image = tf.image.crop_to_bounding_box(image, (h - size) // 2, (w - size) // 2, size, size)
@@ -315,8 +346,7 @@ def _load_example(tf: Any, source: Source):
     paths = tf.constant(source.paths.astype(str))
 
     def load(index):
-      data = tf.io.read_file(tf.gather(paths, index))
-      return tf.io.decode_image(data, channels=3, expand_animations=False)
+      return _decode(tf, tf.io.read_file(tf.gather(paths, index)))
   else:
     images = tf.constant(source.images)
 
@@ -328,17 +358,18 @@ def _load_example(tf: Any, source: Source):
 class Data:
   """Both splits of a dataset and how to iterate them."""
 
-  def __init__(self, config: Any, train: Source | None, eval_: Source,
-               info: DatasetInfo, stream_builder: Any = None):
+  def __init__(self, config: Any, train: Source | StreamSource, eval_: Source | StreamSource,
+               info: DatasetInfo):
     self.config = config
     self.train_source = train
     self.eval_source = eval_
     self.info = info
-    self._builder = stream_builder
 
   def train_iter(self, local_batch: int, start_step: int = 0, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
     """Infinite iterator of {'image', 'label'} numpy batches from `start_step` on."""
+    if isinstance(self.train_source, StreamSource):
+      return self._stream_train_iter(local_batch, start_step, process_index, process_count)
     tf = _tf()
     cds = self.config.dataset
     seed = int(self.config.seed)
@@ -368,15 +399,25 @@ class Data:
     tf = _tf()
     source = self.eval_source
     n = len(source)
-    shard = np.array_split(np.arange(n), process_count)[process_index]
     num_batches = -(-int(np.ceil(n / process_count)) // local_batch)
     preprocess = make_preprocess(self.config.dataset, train=False)
-    load = _load_example(tf, source)
-    labels = tf.constant(source.labels)
-    ds = tf.data.Dataset.from_tensor_slices(shard.astype(np.int64))
-    ds = ds.map(lambda i: {'image': preprocess(load(i), tf.zeros([2], tf.int64)),
-                           'label': tf.gather(labels, i)},
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    no_seed = tf.zeros([2], tf.int64)
+    if isinstance(source, StreamSource):
+      # Contiguous, nearly equal shards per process; the padding below evens them out.
+      split = _tfds().even_splits(source.split, n=process_count,
+                                  drop_remainder=False)[process_index]
+      ds = self._stream(source, split, shuffle_files=False)
+      ds = ds.map(lambda ex: {'image': preprocess(_decode(tf, ex['image']), no_seed),
+                              'label': tf.cast(ex['label'], tf.int32)},
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+      shard = np.array_split(np.arange(n), process_count)[process_index]
+      load = _load_example(tf, source)
+      labels = tf.constant(source.labels)
+      ds = tf.data.Dataset.from_tensor_slices(shard.astype(np.int64))
+      ds = ds.map(lambda i: {'image': preprocess(load(i), no_seed),
+                             'label': tf.gather(labels, i)},
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch).prefetch(2)
     size = int(self.config.dataset.image_size)
     count = 0
@@ -387,6 +428,60 @@ class Data:
       yield pad_batch({'image': np.zeros((0, size, size, 3), np.float32),
                        'label': np.zeros((0,), np.int32)}, local_batch)
       count += 1
+
+
+  def _stream(self, source: StreamSource, split: str, shuffle_files: bool,
+              process_index: int = 0, process_count: int = 1) -> Any:
+    tfds = _tfds()
+    tf = _tf()
+    read_config = tfds.ReadConfig(
+        shuffle_seed=int(self.config.seed), shuffle_reshuffle_each_iteration=True,
+        try_autocache=False,
+        input_context=tf.distribute.InputContext(num_input_pipelines=process_count,
+                                                 input_pipeline_id=process_index))
+    ds = source.builder.as_dataset(split=split, shuffle_files=shuffle_files,
+                                   read_config=read_config,
+                                   decoders={'image': tfds.decode.SkipDecoding()})
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options)
+
+  def _stream_train_iter(self, local_batch: int, start_step: int, process_index: int,
+                         process_count: int) -> Iterator[dict[str, np.ndarray]]:
+    """Large TFDS splits: seeded file order and shuffle buffer, deterministic given the seed.
+
+    Resuming skips the records of the steps already taken (reading, not
+    decoding them), so a resumed run sees the same stream.
+    """
+    tf = _tf()
+    cds = self.config.dataset
+    seed = int(self.config.seed)
+    preprocess = make_preprocess(cds, train=True)
+    ds = self._stream(self.train_source, self.train_source.split, True, process_index,
+                      process_count)
+    ds = ds.repeat().shuffle(int(cds.get('shuffle_buffer', 16_384)), seed=seed,
+                             reshuffle_each_iteration=True)
+    first = start_step * local_batch
+    ds = ds.skip(first).enumerate(start=first)
+
+    def prepare(count, ex):
+      step, j = count // local_batch, count % local_batch
+      counter = (step * process_count + process_index) * local_batch + j
+      image = preprocess(_decode(tf, ex['image']), tf.stack([tf.constant(seed, tf.int64), counter]))
+      return {'image': image, 'label': tf.cast(ex['label'], tf.int32)}
+
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local_batch, drop_remainder=True).prefetch(int(cds.get('prefetch', 4)))
+    return ds.as_numpy_iterator()
+
+
+def _tfds():
+  import tensorflow_datasets as tfds
+  return tfds
+
+
+def _decode(tf: Any, data: Any) -> Any:
+  return tf.io.decode_image(data, channels=3, expand_animations=False)
 
 
 def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -429,12 +524,22 @@ def create_data(config: Any) -> Data:
       raise UserError(f'config.dataset.classes: {", ".join(unknown)} not in {cds.name}')
     class_names = sorted(wanted) if wanted else all_names
     shape = builder.info.features['image'].shape
-    num = builder.info.splits[parse_split('', cds.train_split)[0]].num_examples
-    if None in shape or num * int(np.prod(shape)) > _IN_MEMORY_MAX_BYTES:
-      raise UserError(f'config.dataset.name: {cds.name} is too large to hold in memory; '
-                      'extract it as an image folder and use name=image_folder')
-    train = _tfds_in_memory(builder, cds.train_split, all_names, wanted)
-    eval_ = _tfds_in_memory(builder, cds.eval_split, all_names, wanted)
+    splits = builder.info.splits
+    name = parse_split('', cds.train_split)[0]
+    num = splits[name].num_examples if name in splits else 0
+    mode = cds.get('in_memory', 'auto')
+    if mode not in ('auto', 'always', 'never'):
+      raise UserError(f"config.dataset.in_memory: choose auto, always or never, got {mode!r}")
+    large = None in shape or num * int(np.prod(shape)) > _IN_MEMORY_MAX_BYTES
+    if mode == 'never' or (mode == 'auto' and large):
+      if wanted:
+        raise UserError('config.dataset.classes: class subsets need an in-memory dataset or '
+                        'an image folder')
+      train = StreamSource(builder, cds.train_split, _split_size(builder, cds.train_split))
+      eval_ = StreamSource(builder, cds.eval_split, _split_size(builder, cds.eval_split))
+    else:
+      train = _tfds_in_memory(builder, cds.train_split, all_names, wanted)
+      eval_ = _tfds_in_memory(builder, cds.eval_split, all_names, wanted)
   info = DatasetInfo(num_classes=len(class_names), class_names=list(class_names),
                      num_train=len(train), num_eval=len(eval_), image_size=size)
   if info.num_eval == 0 or info.num_train == 0:

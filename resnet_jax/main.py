@@ -10,6 +10,9 @@ import logging
 import os
 import sys
 
+# TensorFlow's C++ start-up chatter (oneDNN, CPU features) is noise for our users.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -54,6 +57,11 @@ def main(argv: list[str]) -> None:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if FLAGS.config is None:
     _fail('--config is required, e.g. --config=configs/cifar10.py')
+  try:
+    FLAGS.config.keys()  # A config file that failed to load raises on first use.
+  except Exception as e:  # pylint: disable=broad-except
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    _fail(f'cannot load --config: {lines[-1] if lines else type(e).__name__}')
   if not FLAGS.workdir:
     _fail('--workdir is required')
   from resnet_jax import train  # After flag parsing: importing JAX takes a while.

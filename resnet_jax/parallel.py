@@ -28,12 +28,12 @@ MODES = ('jit', 'pmap')
 class Parallel:
   """How arrays are placed and steps compiled for one parallelism mode."""
 
-  def __init__(self, mode: str = 'jit'):
+  def __init__(self, mode: str = 'jit', devices: list[jax.Device] | None = None):
     if mode not in MODES:
       raise UserError(f'config.parallelism: unknown mode {mode!r}; choose jit or pmap')
     self.mode = mode
-    self.devices = jax.devices()
-    self.local_devices = jax.local_devices()
+    self.devices = list(devices) if devices is not None else jax.devices()
+    self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
     self.mesh = Mesh(np.asarray(self.devices), ('data',))
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P('data'))
@@ -58,7 +58,12 @@ class Parallel:
   def put_state(self, state: Any) -> Any:
     if self.mode == 'jit':
       return jax.device_put(state, self.replicated)
-    return jax.device_put_replicated(state, self.local_devices)
+    # pmap: one copy per local device along a new leading axis.
+    d = len(self.local_devices)
+    stacked = NamedSharding(Mesh(np.asarray(self.local_devices), ('replica',)), P('replica'))
+    return jax.tree.map(
+        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (d,) + np.shape(x)), stacked),
+        state)
 
   def get_state(self, state: Any) -> Any:
     """A host copy of one replica (numpy arrays)."""
@@ -79,7 +84,7 @@ class Parallel:
     if self.mode == 'jit':
       return jax.jit(fn, donate_argnums=donate)
     return jax.pmap(functools.partial(fn, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS,
-                    donate_argnums=donate)
+                    donate_argnums=donate, devices=self.local_devices)
 
   def get_metrics(self, metrics: Any) -> Any:
     """Host values of metrics that are identical on every replica."""

@@ -82,7 +82,7 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
     new_state = {'step': state['step'] + 1, 'params': params, 'batch_stats': batch_stats,
                  'opt_state': opt_state}
     metrics = {'loss': loss, 'accuracy': acc, 'learning_rate': schedule(state['step']),
-               'grad_norm': optax.global_norm(grads)}
+               'grad_norm': optax.tree.norm(grads)}
     return new_state, metrics
 
   return train_step

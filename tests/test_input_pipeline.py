@@ -1,0 +1,169 @@
+"""Image folders, TFDS (mocked), split slices, determinism, and counting every eval example."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from resnet_jax import input_pipeline as ip
+from resnet_jax.errors import UserError
+from tests.conftest import CLASSES, tiny_config, write_image_folder
+
+
+def test_image_folder_classes_sorted_and_split_sliced_per_class(image_folder, folder_config):
+  folder_config.dataset.train_split = 'train[:60%]'
+  folder_config.dataset.eval_split = 'train[60%:]'
+  data = ip.create_data(folder_config)
+  assert data.info.class_names == sorted(CLASSES)
+  assert data.info.num_train == 18 and data.info.num_eval == 12   # 6 + 4 of 10 per class.
+  train_files = set(data.train_source.paths)
+  eval_files = set(data.eval_source.paths)
+  assert not train_files & eval_files
+  for label, cls in enumerate(sorted(CLASSES)):
+    picked = [p for p, l in zip(data.train_source.paths, data.train_source.labels) if l == label]
+    assert all(os.sep + cls + os.sep in p for p in picked) and len(picked) == 6
+
+
+def test_split_parser():
+  assert ip.parse_split('f', 'train[:90%]') == ('train', '', '90%')
+  assert ip.apply_slice(list(range(10)), '-3', '') == [7, 8, 9]
+  with pytest.raises(UserError, match='cannot parse split'):
+    ip.parse_split('config.dataset.train_split', 'train[::2]')
+
+
+def test_batches_are_normalised_rgb_and_grayscale_becomes_three_channels(folder_config):
+  folder_config.dataset.augment = 'none'
+  folder_config.dataset.flip = False
+  data = ip.create_data(folder_config)
+  # The first file of each class is a grayscale PNG; it must come out with 3 equal channels.
+  gray = [i for i, p in enumerate(data.eval_source.paths) if p.endswith('0000.png')]
+  batches = list(data.eval_iter(15))
+  images = np.concatenate([b['image'] for b in batches])
+  assert images.shape[1:] == (8, 8, 3) and images.dtype == np.float32
+  mean = np.asarray(folder_config.dataset.mean) * 255
+  std = np.asarray(folder_config.dataset.std) * 255
+  raw = images[gray[0]] * std + mean
+  np.testing.assert_allclose(raw[..., 0], raw[..., 1], atol=1e-3)
+
+
+@pytest.mark.parametrize('n_eval,batch', [(15, 4), (15, 5), (15, 32)])
+def test_eval_counts_every_example_once(tmp_path, n_eval, batch):
+  root = write_image_folder(str(tmp_path), splits=(('train', 4), ('test', n_eval // 3)))
+  c = tiny_config(**{'dataset.name': 'image_folder', 'dataset.data_dir': root})
+  data = ip.create_data(c)
+  seen = []
+  for b in data.eval_iter(batch):
+    assert b['image'].shape[0] == batch and b['mask'].shape == (batch,)
+    seen += list(b['label'][b['mask'] > 0])
+  assert len(seen) == n_eval
+  np.testing.assert_array_equal(seen, data.eval_source.labels)
+
+
+def test_eval_shards_cover_the_split_once_across_processes(folder_config):
+  data = ip.create_data(folder_config)
+  counts, labels = [], []
+  for pid in range(3):
+    batches = list(data.eval_iter(2, process_index=pid, process_count=3))
+    counts.append(len(batches))
+    labels += [l for b in batches for l, m in zip(b['label'], b['mask']) if m]
+  assert len(set(counts)) == 1        # Equal batch counts, so collectives line up.
+  assert len(labels) == data.info.num_eval == 15
+
+
+def test_training_data_is_a_function_of_seed_and_step(folder_config):
+  data = ip.create_data(folder_config)
+  full = [next(it) for it in [data.train_iter(4, 0)] for _ in range(12)]
+  resumed = data.train_iter(4, start_step=7)
+  for step in range(7, 12):
+    b = next(resumed)
+    np.testing.assert_array_equal(b['label'], full[step]['label'])
+    np.testing.assert_array_equal(b['image'], full[step]['image'])
+  # Another seed gives another order.
+  folder_config.seed = 1
+  other = next(ip.create_data(folder_config).train_iter(4, 0))
+  assert not np.array_equal(other['image'], full[0]['image'])
+
+
+def test_each_epoch_is_a_permutation_and_processes_take_disjoint_parts():
+  gen = ip._train_indices(0, 10, 2, 0, 0, 1)
+  first_epoch = np.concatenate([next(gen)[0] for _ in range(5)])
+  second_epoch = np.concatenate([next(gen)[0] for _ in range(5)])
+  assert sorted(second_epoch) == list(range(10))
+  assert not np.array_equal(first_epoch, second_epoch)
+  assert sorted(first_epoch) == list(range(10))
+  a = ip._train_indices(0, 12, 2, 0, 0, 2)
+  b = ip._train_indices(0, 12, 2, 0, 1, 2)
+  for _ in range(3):
+    ia, ca = next(a)
+    ib, cb = next(b)
+    assert not set(ia) & set(ib) and not set(ca) & set(cb)
+
+
+def test_unreadable_image_is_skipped_with_a_warning_or_is_an_error(folder_config, caplog):
+  bad = os.path.join(folder_config.dataset.data_dir, 'train', 'cat', '0099.jpg')
+  with open(bad, 'wb') as f:
+    f.write(b'not a jpeg at all')
+  with caplog.at_level(logging.WARNING):
+    data = ip.create_data(folder_config)
+  assert bad not in set(data.train_source.paths) and data.info.num_train == 30
+  assert any(bad in r.getMessage() for r in caplog.records)
+  folder_config.dataset.on_bad_image = 'error'
+  with pytest.raises(UserError, match='0099.jpg'):
+    ip.create_data(folder_config)
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('dataset.data_dir', '/nonexistent/images', 'does not exist'),
+    ('dataset.train_split', 'validation', 'does not exist'),
+    ('dataset.classes', 'cat,zebra', 'zebra'),
+    ('dataset.augment', 'mixup', 'unknown augmentation'),
+    ('dataset.image_size', 0, 'must be positive'),
+])
+def test_bad_dataset_settings_are_user_errors(folder_config, field, value, message):
+  section, key = field.split('.')
+  folder_config[section][key] = value
+  with pytest.raises(UserError, match=message):
+    ip.create_data(folder_config)
+
+
+def test_class_subset_relabels_in_sorted_order(folder_config):
+  folder_config.dataset.classes = 'frog,cat'
+  data = ip.create_data(folder_config)
+  assert data.info.class_names == ['cat', 'frog'] and data.info.num_classes == 2
+  assert set(data.train_source.labels) == {0, 1}
+
+
+def test_tfds_by_name_on_mock_data(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  c = tiny_config(**{'dataset.name': 'mnist', 'dataset.data_dir': str(tmp_path),
+                     'dataset.eval_split': 'test'})
+  with tfds.testing.mock_data(num_examples=21):
+    data = ip.create_data(c)
+    assert data.info.num_classes == 10 and data.info.num_eval == 21
+    b = next(data.train_iter(4))
+    assert b['image'].shape == (4, 8, 8, 3)        # Grayscale digits come out as RGB.
+    assert sum(int(x['mask'].sum()) for x in data.eval_iter(4)) == 21
+
+
+def test_unknown_tfds_dataset_is_a_user_error(tmp_path):
+  c = tiny_config(**{'dataset.name': 'no_such_dataset_xyz', 'dataset.data_dir': str(tmp_path)})
+  with pytest.raises(UserError, match='unknown dataset'):
+    ip.create_data(c)
+
+
+def test_streaming_tfds_is_deterministic_resumable_and_counts_eval_once(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  c = tiny_config(**{'dataset.name': 'cifar10', 'dataset.data_dir': str(tmp_path),
+                     'dataset.in_memory': 'never', 'dataset.shuffle_buffer': 64})
+  with tfds.testing.mock_data(num_examples=23):
+    data = ip.create_data(c)
+    assert isinstance(data.train_source, ip.StreamSource) and data.info.num_eval == 23
+    it = data.train_iter(4)
+    full = [next(it) for _ in range(8)]
+    resumed = data.train_iter(4, start_step=5)
+    for step in range(5, 8):
+      b = next(resumed)
+      np.testing.assert_array_equal(b['label'], full[step]['label'])
+      np.testing.assert_array_equal(b['image'], full[step]['image'])
+    assert sum(int(b['mask'].sum()) for b in data.eval_iter(5)) == 23

@@ -1,0 +1,115 @@
+"""The command line: bad input is one line naming the problem, exit 2, no traceback,
+and nothing in the workdir changes."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from resnet_jax import train
+from tests.conftest import REPO, tiny_config
+
+FOLDER_ARGS = ['--config.model.name=resnet20', '--config.model.width_multiplier=0.25',
+               '--config.dataset.image_size=8', '--config.batch_size=8',
+               '--config.eval_batch_size=8', '--config.num_train_steps=2',
+               '--config.checkpoint_every_steps=1', '--config.dataset.name=image_folder',
+               '--config.dataset.eval_split=test']
+
+
+def run_main(*args, devices=1):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
+  return subprocess.run([sys.executable, '-m', 'resnet_jax.main', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(proc, *fragments):
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert len(errors) == 1, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == errors[0]
+  for fragment in fragments:
+    assert fragment in errors[0], errors[0]
+
+
+def digest(workdir):
+  h = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(workdir)):
+    dirs.sort()
+    for f in sorted(files):
+      h.update(os.path.relpath(os.path.join(root, f), workdir).encode())
+      h.update(open(os.path.join(root, f), 'rb').read())
+  return h.hexdigest()
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(tmp_path_factory):
+  from tests.conftest import write_image_folder
+  base = tmp_path_factory.mktemp('cli')
+  images = write_image_folder(str(base / 'images'))
+  workdir = str(base / 'wd')
+  c = tiny_config(**{'dataset.name': 'image_folder', 'dataset.data_dir': images,
+                     'dataset.eval_split': 'test', 'num_train_steps': 2})
+  train.train_and_evaluate(c, workdir)
+  return images, workdir
+
+
+@pytest.mark.parametrize('override,fragments', [
+    ('--config.model.name=resnet19', ('config.model.name', 'resnet19')),
+    ('--config.optimizer.name=lamb', ('config.optimizer.name', 'lamb')),
+    ('--config.schedule.name=step', ('config.schedule.name', 'step')),
+    ('--config.batch_size=0', ('config.batch_size', 'positive')),
+    ('--config.finetune.freeze=^stage9/', ('config.finetune.freeze', 'matches no parameter')),
+    ('--config.dataset.train_split=nosuchsplit', ('config.dataset.train_split', 'nosuchsplit')),
+    ('--config.batch_size=abc', ('batch_size',)),
+    ('--config.no_such_field=1', ('no_such_field',)),
+])
+def test_bad_input_is_one_line_and_leaves_the_workdir_untouched(trained_workdir, override,
+                                                                 fragments):
+  images, workdir = trained_workdir
+  before = digest(workdir)
+  proc = run_main('--config=configs/default.py', f'--workdir={workdir}', *FOLDER_ARGS,
+                  f'--config.dataset.data_dir={images}', override)
+  assert_one_line_error(proc, *fragments)
+  assert digest(workdir) == before
+
+
+def test_missing_data_dir_and_unknown_dataset(tmp_path):
+  proc = run_main('--config=configs/default.py', f'--workdir={tmp_path}/wd', *FOLDER_ARGS,
+                  '--config.dataset.data_dir=/no/such/folder')
+  assert_one_line_error(proc, 'config.dataset.data_dir', '/no/such/folder')
+  assert not os.path.exists(f'{tmp_path}/wd')
+  proc = run_main('--config=configs/default.py', f'--workdir={tmp_path}/wd',
+                  '--config.dataset.name=no_such_dataset_xyz',
+                  f'--config.dataset.data_dir={tmp_path}')
+  assert_one_line_error(proc, 'config.dataset.name', 'no_such_dataset_xyz')
+
+
+def test_batch_that_does_not_divide_over_devices(trained_workdir, tmp_path):
+  images, _ = trained_workdir
+  proc = run_main('--config=configs/default.py', f'--workdir={tmp_path}/wd', *FOLDER_ARGS,
+                  f'--config.dataset.data_dir={images}', '--config.batch_size=6', devices=4)
+  assert_one_line_error(proc, 'config.batch_size', '6', '4 devices')
+
+
+def test_eval_mode_without_a_checkpoint_and_missing_config(tmp_path):
+  proc = run_main('--config=configs/default.py', f'--workdir={tmp_path}', '--mode=eval')
+  assert_one_line_error(proc, '--mode=eval', 'no checkpoint')
+  proc = run_main('--config=configs/nope.py', f'--workdir={tmp_path}')
+  assert_one_line_error(proc, 'nope.py')
+
+
+def test_cli_trains_and_eval_mode_reports(trained_workdir, tmp_path):
+  images, _ = trained_workdir
+  workdir = str(tmp_path / 'cli_wd')
+  proc = run_main('--config=configs/default.py', f'--workdir={workdir}', *FOLDER_ARGS,
+                  f'--config.dataset.data_dir={images}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert os.path.exists(os.path.join(workdir, 'eval_results.json'))
+  proc = run_main('--config=configs/default.py', f'--workdir={workdir}', *FOLDER_ARGS,
+                  f'--config.dataset.data_dir={images}', '--mode=eval', '--checkpoint=best')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'precision' in proc.stdout  # The classification-report table.

@@ -1,0 +1,153 @@
+"""Schedules, the weight-decay mask, and the parameter spec's partition."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from resnet_jax import models, optim
+from resnet_jax.errors import UserError
+from tests.conftest import tiny_config
+
+
+def _sched(name, **kw):
+  c = tiny_config(**{'schedule.name': name, 'optimizer.learning_rate': 1.0, **kw})
+  return optim.make_schedule(c, 110)
+
+
+def test_warmup_then_cosine():
+  s = _sched('cosine', **{'schedule.warmup_steps': 10})
+  np.testing.assert_allclose([s(0), s(5), s(10), s(60), s(110)], [0.0, 0.5, 1.0, 0.5, 0.0],
+                             atol=1e-6)
+
+
+def test_constant_and_linear():
+  c = _sched('constant', **{'schedule.warmup_steps': 10})
+  np.testing.assert_allclose([c(5), c(10), c(109)], [0.5, 1.0, 1.0], atol=1e-6)
+  lin = _sched('linear', **{'schedule.warmup_steps': 10, 'schedule.end_factor': 0.1})
+  np.testing.assert_allclose([lin(10), lin(60), lin(110)], [1.0, 0.55, 0.1], atol=1e-6)
+
+
+def test_piecewise_decays_at_fractions_of_the_run():
+  s = _sched('piecewise', **{'schedule.warmup_steps': 5, 'schedule.boundaries': (0.5, 0.75),
+                             'schedule.decay_factor': 0.1})
+  # Boundaries at steps 55 and 82 of 110 (fractions of the whole run, warmup included).
+  np.testing.assert_allclose([s(54), s(55), s(81), s(83)], [1.0, 0.1, 0.1, 0.01], atol=1e-6)
+
+
+def test_unknown_schedule_and_bad_boundaries():
+  with pytest.raises(UserError, match='unknown schedule'):
+    _sched('step')
+  with pytest.raises(UserError, match='boundaries'):
+    _sched('piecewise', **{'schedule.boundaries': (30.0,)})
+
+
+def test_total_steps_steps_win_over_epochs():
+  c = tiny_config(num_train_steps=7, num_epochs=3.0, batch_size=10)
+  assert optim.total_steps_from_config(c, 100) == 7
+  c.num_train_steps = -1
+  assert optim.total_steps_from_config(c, 100) == 30
+
+
+def _params():
+  m = models.create_model(tiny_config().model, 10)
+  return jax.jit(lambda r: models.init_variables(m, r, 8))(jax.random.key(0))['params']
+
+
+def test_weight_decay_mask_skips_batchnorm_and_biases():
+  params = _params()
+  spec = optim.build_param_spec(tiny_config(), params)
+  for path, decays in spec.decay.items():
+    assert decays == path.endswith('/kernel'), path
+  assert spec.decay['head/kernel'] and not spec.decay['head/bias']
+  assert not spec.decay['stem/bn/scale']
+
+
+def test_weight_decay_is_applied_only_where_masked():
+  """With zero gradients, SGD moves exactly the decayed leaves, by lr * wd * w."""
+  params = _params()
+  c = tiny_config(**{'optimizer.momentum': 0.0, 'optimizer.nesterov': False,
+                     'optimizer.weight_decay': 0.1})
+  spec = optim.build_param_spec(c, params)
+  tx = optim.make_optimizer(c, spec, params, optax.constant_schedule(0.5))
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  for path, u in optim.flat_paths(updates).items():
+    w = optim.flat_paths(params)[path]
+    expected = -0.5 * 0.1 * w if spec.decay[path] else jnp.zeros_like(w)
+    np.testing.assert_allclose(u, expected, rtol=1e-6, atol=1e-7, err_msg=path)
+
+
+def test_spec_freeze_regex_bn_and_stop_gradient_agree():
+  params = _params()
+  c = tiny_config(**{'finetune.freeze': '^(stem|stage1)/'})
+  spec = optim.build_param_spec(c, params)
+  frozen = set(spec.frozen_paths())
+  assert frozen == {p for p in optim.flat_paths(params) if p.startswith(('stem/', 'stage1/'))}
+  assert spec.frozen_bn == {m.rsplit('/', 1)[0] for m in frozen if m.endswith('/scale')}
+  assert 'stem/bn' in spec.frozen_bn and 'stage1/block2/bn2' in spec.frozen_bn
+  assert spec.stop_gradient_after == 'stage1'
+  # freeze_stages=1 is the same set.
+  c2 = tiny_config(**{'finetune.freeze_stages': 1})
+  assert set(optim.build_param_spec(c2, params).frozen_paths()) == frozen
+  # A non-prefix freeze (only stage2) has no stop-gradient boundary.
+  c3 = tiny_config(**{'finetune.freeze': '^stage2/'})
+  assert optim.build_param_spec(c3, params).stop_gradient_after is None
+
+
+def test_frozen_leaves_have_no_optimizer_state_and_no_updates():
+  params = _params()
+  c = tiny_config(**{'finetune.freeze': '^(stem|stage1)/', 'optimizer.weight_decay': 0.1})
+  spec = optim.build_param_spec(c, params)
+  tx = optim.make_optimizer(c, spec, params, optax.constant_schedule(0.1))
+  state = tx.init(params)
+  trainable = sum(x.size for p, x in optim.flat_paths(params).items()
+                  if spec.labels[p] != optim.FROZEN)
+  # Momentum buffers exist only for trainable leaves.
+  state_sizes = sum(x.size for x in jax.tree.leaves(state) if getattr(x, 'ndim', 0) > 0)
+  assert state_sizes == trainable
+  ones = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(ones, state, params)
+  for p, u in optim.flat_paths(updates).items():
+    assert bool(jnp.all(u == 0)) == (spec.labels[p] == optim.FROZEN), p
+
+
+def test_head_lr_multiplier_scales_head_updates():
+  params = _params()
+  c = tiny_config(**{'finetune.head_lr_multiplier': 10.0, 'optimizer.weight_decay': 0.0,
+                     'optimizer.momentum': 0.0, 'optimizer.nesterov': False})
+  spec = optim.build_param_spec(c, params)
+  tx = optim.make_optimizer(c, spec, params, optax.constant_schedule(0.01))
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  flat = optim.flat_paths(updates)
+  np.testing.assert_allclose(flat['head/kernel'], -0.1)
+  np.testing.assert_allclose(flat['stage1/block0/conv1/kernel'], -0.01)
+
+
+def test_regex_that_matches_nothing_is_an_error():
+  params = _params()
+  with pytest.raises(UserError, match='matches no parameter'):
+    optim.build_param_spec(tiny_config(**{'finetune.freeze': '^stage9/'}), params)
+  with pytest.raises(UserError, match='invalid regular expression'):
+    optim.build_param_spec(tiny_config(**{'finetune.freeze': '(['}), params)
+  with pytest.raises(UserError, match='every parameter is frozen'):
+    optim.build_param_spec(tiny_config(**{'finetune.freeze': '.'}), params)
+
+
+def test_adamw_decays_only_masked_leaves():
+  params = _params()
+  c = tiny_config(**{'optimizer.name': 'adamw', 'optimizer.weight_decay': 0.5})
+  spec = optim.build_param_spec(c, params)
+  tx = optim.make_optimizer(c, spec, params, optax.constant_schedule(0.1))
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  flat = optim.flat_paths(updates)
+  np.testing.assert_allclose(flat['head/kernel'], -0.1 * 0.5 * optim.flat_paths(params)['head/kernel'], rtol=1e-5)
+  assert np.all(np.asarray(flat['head/bias']) == 0)
+
+
+def test_label_smoothing_cross_entropy():
+  logits = jnp.zeros((1, 4))
+  np.testing.assert_allclose(optim.cross_entropy(logits, jnp.array([1]), 4), np.log(4), rtol=1e-6)
+  sharp = jnp.array([[10.0, 0, 0, 0]])
+  assert optim.cross_entropy(sharp, jnp.array([0]), 4, 0.1) > optim.cross_entropy(sharp, jnp.array([0]), 4)
