@@ -39,7 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.std = (0.2470, 0.2435, 0.2616)
   c.dataset.verify_images = True  # Decode every image-folder file once at start.
   c.dataset.on_bad_image = 'skip'  # 'skip' (warn, naming the file) or 'error'.
-  c.dataset.prefetch = 4
+  c.dataset.prefetch = 4         # Batches in flight, on the host and on the devices.
+  c.dataset.on_device = False    # Keep the training split on the devices; crop/flip in JAX.
   c.dataset.in_memory = 'auto'   # TFDS: hold decoded splits in memory (auto: if < 4 GiB), or stream.
   c.dataset.shuffle_buffer = 16384  # Streaming TFDS only.
 

@@ -107,6 +107,23 @@ class StreamSource:
     return self.num_examples
 
 
+def to_uint8_images(source: Source, size: int) -> np.ndarray:
+  """The whole split as uint8 [N, size, size, 3] (for datasets kept on the device)."""
+  from PIL import Image
+
+  def load(i: int) -> np.ndarray:
+    im = Image.open(source.paths[i]) if source.paths is not None else \
+        Image.fromarray(source.images[i].squeeze(-1) if source.images.shape[-1] == 1
+                        else source.images[i])
+    im = im.convert('RGB')
+    if im.size != (size, size):
+      im = im.resize((size, size), Image.BILINEAR)
+    return np.asarray(im, np.uint8)
+
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    return np.stack(list(pool.map(load, range(len(source)))))
+
+
 def _class_subset(config_ds: Any) -> list[str]:
   classes = config_ds.get('classes', '')
   if isinstance(classes, (tuple, list)):

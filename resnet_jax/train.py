@@ -278,15 +278,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   log_every = int(config.log_every_steps) or total
   eval_every = int(config.eval_every_steps) or total
   ckpt_every = int(config.checkpoint_every_steps) or total
-  train_iter = data.train_iter(setup.local_batch, start_step, jax.process_index(),
-                               jax.process_count())
+  train_iter = _train_batches(config, data, setup, start_step)
   results: dict[str, Any] = {}
   pending: list[Any] = []
   step = start_step
   with _Preemption() as preempt:
     while step < total:
-      batch = setup.par.put_batch(next(train_iter))
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, next(train_iter))
       pending.append(metrics)
       step += 1
       rep.tick(step)
@@ -294,6 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         host = [setup.par.get_metrics(m) for m in pending]
         pending = []
         means = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+        means['learning_rate'] = float(host[-1]['learning_rate'])  # A value, not a mean.
         if not np.isfinite(means['loss']):
           raise FloatingPointError(f'non-finite training loss {means["loss"]} at step {step}; '
                                    'no checkpoint written (lower the learning rate?)')
@@ -320,6 +319,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     results = rep.eval_results(start_step, res, final=True)
   rep.close()
   return results
+
+
+def _train_batches(config: ml_collections.ConfigDict, data: Any, setup: Setup,
+                   start_step: int):
+  """Device-ready training batches: from a device-resident split, or prefetched host ones."""
+  from resnet_jax import device_data, input_pipeline
+  if config.dataset.get('on_device', False):
+    if not isinstance(data.train_source, input_pipeline.Source):
+      raise UserError('config.dataset.on_device: the training split must fit in memory')
+    images = input_pipeline.to_uint8_images(data.train_source, data.info.image_size)
+    dataset = device_data.DeviceDataset(images, data.train_source.labels, config, setup.par)
+    return dataset.iterate(int(config.batch_size), start_step)
+  host = data.train_iter(setup.local_batch, start_step, jax.process_index(), jax.process_count())
+  return device_data.prefetch_to_device(setup.par, host, int(config.dataset.get('prefetch', 2)))
 
 
 def results_brief(results: dict[str, Any]) -> dict[str, Any]:

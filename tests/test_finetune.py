@@ -28,7 +28,7 @@ def _fresh(name='resnet20', classes=10, size=8, **kw):
 @pytest.mark.parametrize('fmt', ['pth', 'safetensors'])
 def test_converted_weights_give_pytorch_logits(tmp_path, arch, size, stem, fmt):
   torch = pytest.importorskip('torch')
-  from tests import torch_reference as tr
+  from resnet_jax import torch_reference as tr
   layers = {'resnet18': ((2, 2, 2, 2), tr.BasicBlock, (64, 128, 256, 512)),
             'resnet50': ((3, 4, 6, 3), tr.Bottleneck, (64, 128, 256, 512)),
             'resnet20': ((3, 3, 3), tr.BasicBlock, (16, 32, 64))}[arch]
@@ -56,7 +56,7 @@ def test_convert_script_output_works_as_init_from(tmp_path):
   torch = pytest.importorskip('torch')
   from safetensors.torch import save_file
   from scripts import convert_torchvision
-  from tests import torch_reference as tr
+  from resnet_jax import torch_reference as tr
   ref = tr.ResNet(tr.BasicBlock, (3, 3, 3), (16, 32, 64), 10, 'cifar')
   src = str(tmp_path / 'r20.safetensors')
   save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, src)

@@ -11,10 +11,10 @@ from tests.conftest import tiny_config
 pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason='needs 4 (virtual) devices')
 
 
-def _run(mode, devices, steps=3, accum=1):
+def _run(mode, devices, steps=3, accum=1, frozen_bn=frozenset()):
   c = tiny_config(**{'optimizer.weight_decay': 1e-3, 'grad_accum_steps': accum})
   par = parallel.Parallel(mode, devices)
-  model = models.create_model(c.model, 10, bn_axis_name=par.bn_axis_name)
+  model = models.create_model(c.model, 10, bn_axis_name=par.bn_axis_name, frozen_bn=frozen_bn)
   plain = models.create_model(c.model, 10)
   variables = models.init_variables(plain, jax.random.key(0), 8)
   spec = optim.build_param_spec(c, variables['params'])
@@ -57,3 +57,17 @@ def test_sharded_batch_lives_on_all_devices():
   batch = par.put_batch({'x': np.arange(8, dtype=np.float32)})
   assert len(batch['x'].sharding.device_set) == 4
   assert batch['x'].addressable_shards[0].data.shape == (2,)
+
+
+def test_gradient_accumulation_gives_the_large_batch_update():
+  """With BatchNorm on running averages (so no batch dependence), 4 micro-batches of 4
+  give the same update as one batch of 16."""
+  shapes = jax.eval_shape(lambda: models.init_variables(
+      models.create_model(tiny_config().model, 10), jax.random.key(0), 8))
+  all_bn = frozenset(optim.path_str(p).rsplit('/', 1)[0] for p, _ in
+                     jax.tree_util.tree_flatten_with_path(shapes['batch_stats'])[0])
+  big, lb = _run('jit', jax.devices()[:1], frozen_bn=all_bn)
+  acc, la = _run('jit', jax.devices()[:1], accum=4, frozen_bn=all_bn)
+  np.testing.assert_allclose(lb, la, rtol=1e-5)
+  _close(big['params'], acc['params'], rtol=1e-5, atol=1e-6)
+  assert lb[0] != lb[-1]

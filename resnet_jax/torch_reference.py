@@ -1,8 +1,10 @@
-"""A PyTorch ResNet in torchvision's layout and naming, for checking converted weights.
+"""A PyTorch ResNet in torchvision's layout and naming (needs torch).
 
-Written here (torchvision has no CPU wheel on our machines); it follows
-torchvision.models.resnet: v1.5 bottleneck stride on the 3x3 conv, 1x1 conv +
-BN `downsample`, and `conv1/bn1/layerK/fc` names.
+Used to check converted weights against PyTorch and as the PyTorch side of
+`scripts/benchmark.py --compare-torch`. Written here because torchvision has no
+CPU wheel on our machines; it follows torchvision.models.resnet: v1.5
+bottleneck stride on the 3x3 conv, 1x1 conv + BN `downsample`, and
+`conv1/bn1/layerK/fc` names. `build(name, ...)` mirrors `models.create_model`.
 """
 
 import torch
@@ -98,3 +100,12 @@ def randomize_batchnorm(model, seed=0):
         m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
         m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
   return model
+
+
+def build(name: str, num_classes: int, stem: str = '', width_multiplier: float = 1.0) -> ResNet:
+  """The PyTorch twin of `models.create_model` for the same name, stem and width."""
+  from resnet_jax.models import ARCHS, BottleneckBlock
+  arch = ARCHS[name]
+  block = Bottleneck if arch.block_cls is BottleneckBlock else BasicBlock
+  widths = tuple(max(1, int(round(w * width_multiplier))) for w in arch.widths)
+  return ResNet(block, arch.stage_sizes, widths, num_classes, stem or arch.default_stem)

@@ -1,0 +1,92 @@
+"""Feeding the devices: prefetch, and datasets that live on the device.
+
+`prefetch_to_device` keeps a few host batches in flight, so the transfer of
+batch t+1 overlaps the step on batch t.
+
+`DeviceDataset` is for training splits that fit in device memory (CIFAR,
+MNIST): the whole split is uploaded once as uint8, and each step gathers its
+examples and pad-crops, flips and normalises them in a jitted JAX function, so
+the host does nothing per step but compute indices. The order is the same
+(seed, epoch) permutation the host pipeline uses; the augmentation is keyed by
+(seed, global example counter) with JAX's RNG, so it is a function of
+(seed, step) too (though not the same draws as tf.data's).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_jax.errors import UserError
+from resnet_jax.input_pipeline import _train_indices  # Pure numpy; no TensorFlow.
+from resnet_jax.parallel import Parallel
+
+
+def prefetch_to_device(par: Parallel, batches: Iterator[dict[str, np.ndarray]],
+                       size: int = 2) -> Iterator[Any]:
+  """Puts up to `size` batches on the devices ahead of their use."""
+  queue: collections.deque = collections.deque()
+  for batch in batches:
+    queue.append(par.put_batch(batch))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def _augment_one(image: jax.Array, key: jax.Array, pad: int, flip: bool) -> jax.Array:
+  h, w, _ = image.shape
+  if pad:
+    ky, kx, key = jax.random.split(key, 3)
+    padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+    dy = jax.random.randint(ky, (), 0, 2 * pad + 1)
+    dx = jax.random.randint(kx, (), 0, 2 * pad + 1)
+    image = jax.lax.dynamic_slice(padded, (dy, dx, 0), (h, w, image.shape[-1]))
+  if flip:
+    image = jnp.where(jax.random.bernoulli(key), image[:, ::-1], image)
+  return image
+
+
+class DeviceDataset:
+  """A training split held on every device as uint8, batched and augmented there."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, config: Any, par: Parallel):
+    if par.mode != 'jit':
+      raise UserError('config.dataset.on_device: needs parallelism=jit')
+    cds = config.dataset
+    augment = cds.get('augment', 'auto')
+    if augment not in ('auto', 'pad_crop', 'none'):
+      raise UserError(f'config.dataset.on_device: supports augment pad_crop or none, not '
+                      f'{augment!r}')
+    size = int(cds.image_size)
+    if images.shape[1:] != (size, size, 3):
+      raise UserError(f'config.dataset.on_device: images are {images.shape[1:]}, expected '
+                      f'{(size, size, 3)}')
+    self.n = len(labels)
+    self.seed = int(config.seed)
+    self.par = par
+    self.images = jax.device_put(images, par.replicated)
+    self.labels = jax.device_put(labels.astype(np.int32), par.replicated)
+    pad = int(cds.get('crop_padding', 4)) if augment != 'none' else 0
+    flip = bool(cds.get('flip', True))
+    mean = jnp.asarray(cds.mean, jnp.float32) * 255.0
+    std = jnp.asarray(cds.std, jnp.float32) * 255.0
+    base_key = jax.random.key(self.seed)
+
+    def make_batch(images, labels, idx, counters):
+      keys = jax.vmap(lambda c: jax.random.fold_in(base_key, c))(counters)
+      picked = jnp.take(images, idx, axis=0).astype(jnp.float32)
+      picked = jax.vmap(lambda im, k: _augment_one(im, k, pad, flip))(picked, keys)
+      return {'image': (picked - mean) / std, 'label': jnp.take(labels, idx, axis=0)}
+
+    self._make = jax.jit(make_batch, out_shardings=par.batch_sharding)
+
+  def iterate(self, global_batch: int, start_step: int = 0) -> Iterator[dict[str, jax.Array]]:
+    """Global batches from `start_step` on (every process computes the same indices)."""
+    for idx, counters in _train_indices(self.seed, self.n, global_batch, start_step, 0, 1):
+      yield self._make(self.images, self.labels, jax.device_put(idx, self.par.replicated),
+                       jax.device_put(counters, self.par.replicated))

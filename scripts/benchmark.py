@@ -1,0 +1,204 @@
+"""Times the train step on synthetic data and prints one JSON line (the last line of stdout).
+
+  python scripts/benchmark.py --config=configs/cifar10.py --steps=10 [--config.batch_size=128]
+  python scripts/benchmark.py --config=configs/cifar10.py --steps=5 --compare-torch
+
+Needs only jax, flax, optax, numpy and ml-collections (no TensorFlow), so it
+runs on accelerator machines that lack the rest. With --compare-torch the same
+network (same architecture, stem, width and batch) trains in PyTorch in the
+same process, and the two are timed in alternating rounds, so the ratio holds
+even on a noisy shared machine. XLA options go in XLA_FLAGS as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+flags.DEFINE_integer('steps', 10, 'Timed steps per round.')
+flags.DEFINE_integer('rounds', 3, 'Timing rounds (alternating with torch when comparing).')
+flags.DEFINE_integer('num_classes', 10, 'Classes of the synthetic task.')
+flags.DEFINE_bool('compare_torch', False, 'Also time the same network in PyTorch.')
+flags.DEFINE_integer('torch_threads', 0, 'torch.set_num_threads (0: torch default).')
+FLAGS = flags.FLAGS
+
+# Dense bf16 / fp32 peak FLOP/s per device, for MFU where the device is known.
+PEAK_FLOPS = {
+    'H100': {'bfloat16': 989e12, 'float32': 67e12},
+    'H200': {'bfloat16': 989e12, 'float32': 67e12},
+    'A100': {'bfloat16': 312e12, 'float32': 19.5e12},
+    'V100': {'bfloat16': 125e12, 'float32': 15.7e12},
+    'L4': {'bfloat16': 121e12, 'float32': 30.3e12},
+    'TPU v4': {'bfloat16': 275e12, 'float32': 275e12},
+    'TPU v5 lite': {'bfloat16': 197e12, 'float32': 197e12},
+    'TPU v5': {'bfloat16': 459e12, 'float32': 459e12},
+}
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+  for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if key.lower() in device_kind.lower():
+      return PEAK_FLOPS[key].get(dtype)
+  return None
+
+
+class JaxBench:
+  """The project's own train step, state and optimizer on a fixed synthetic batch."""
+
+  def __init__(self, config, num_classes: int):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from resnet_jax import train
+    self.jax = jax
+    setup = train.Setup(config, num_classes, 50_000, int(config.dataset.image_size))
+    self.setup = setup
+    state = setup.make_state(setup.fresh_variables)
+    step = train.make_train_step(setup.model, setup.tx, setup.schedule, num_classes,
+                                 grad_accum_steps=int(config.get('grad_accum_steps', 1)))
+    rng = np.random.default_rng(0)
+    size = int(config.dataset.image_size)
+    b = int(config.batch_size)
+    batch = {'image': rng.normal(size=(b, size, size, 3)).astype(np.float32),
+             'label': rng.integers(0, num_classes, b).astype(np.int32)}
+    self.batch_host = batch
+    par = setup.par
+    self.batch = par.put_batch(batch)
+    self.state = par.put_state(state)
+    self.flops = None
+    t0 = time.perf_counter()
+    if par.mode == 'jit':
+      compiled = jax.jit(step, donate_argnums=0).lower(self.state, self.batch).compile()
+      self.compile_time = time.perf_counter() - t0
+      try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        self.flops = float(cost.get('flops', 0.0)) or None
+      except Exception:  # pylint: disable=broad-except
+        self.flops = None
+      self.step = compiled
+    else:
+      self.step = par.compile(step)
+      self.state, m = self.step(self.state, self.batch)
+      jax.block_until_ready(m)
+      self.compile_time = time.perf_counter() - t0
+    self.state, m = self.step(self.state, self.batch)   # Warm-up.
+    jax.block_until_ready(m)
+    del jnp
+
+  def run(self, steps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      self.state, metrics = self.step(self.state, self.batch)
+    self.jax.block_until_ready((self.state, metrics))
+    return (time.perf_counter() - t0) / steps
+
+
+class TorchBench:
+  """The same network in PyTorch: SGD (Nesterov, weight decay), eager mode.
+
+  On CUDA it uses channels_last and bfloat16 autocast when the config asks for
+  bfloat16, as a PyTorch user would.
+  """
+
+  def __init__(self, config, num_classes: int, batch_host, threads: int):
+    import torch
+
+    from resnet_jax import torch_reference
+    if threads:
+      torch.set_num_threads(threads)
+    self.torch = torch
+    self.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    m = config.model
+    model = torch_reference.build(m.name, num_classes, m.stem, float(m.width_multiplier))
+    self.amp = self.device == 'cuda' and m.dtype == 'bfloat16'
+    fmt = torch.channels_last if self.device == 'cuda' else torch.contiguous_format
+    self.model = model.to(self.device, memory_format=fmt).train()
+    self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
+                               weight_decay=float(config.optimizer.weight_decay))
+    self.x = torch.from_numpy(batch_host['image'].transpose(0, 3, 1, 2).copy()).to(
+        self.device).contiguous(memory_format=fmt)
+    self.y = torch.from_numpy(batch_host['label']).long().to(self.device)
+    self.run(1)
+
+  def _step(self):
+    torch = self.torch
+    self.opt.zero_grad(set_to_none=True)
+    with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.amp):
+      loss = torch.nn.functional.cross_entropy(self.model(self.x), self.y)
+    loss.backward()
+    self.opt.step()
+
+  def run(self, steps: int) -> float:
+    sync = self.torch.cuda.synchronize if self.device == 'cuda' else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      self._step()
+    sync()
+    return (time.perf_counter() - t0) / steps
+
+
+def benchmark(config, steps: int, rounds: int, num_classes: int, compare_torch: bool,
+              torch_threads: int = 0) -> dict:
+  import jax
+  jb = JaxBench(config, num_classes)
+  tb = TorchBench(config, num_classes, jb.batch_host, torch_threads) if compare_torch else None
+  jax_times, torch_times = [], []
+  for _ in range(rounds):
+    jax_times.append(jb.run(steps))
+    if tb is not None:
+      torch_times.append(tb.run(steps))
+  b = int(config.batch_size)
+  step_time = statistics.median(jax_times)
+  devices = jb.setup.par.devices
+  dtype = config.model.dtype
+  result = {
+      'model': config.model.name, 'stem': config.model.stem or 'default',
+      'image_size': int(config.dataset.image_size), 'batch_size': b, 'dtype': dtype,
+      'parallelism': jb.setup.par.mode,
+      'images_per_sec': b / step_time, 'step_time_ms': 1000 * step_time,
+      'compile_time_s': jb.compile_time, 'num_devices': len(devices),
+      'device_kind': devices[0].device_kind,
+      'flops_per_image': jb.flops / b if jb.flops else None, 'mfu': None,
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+  }
+  peak = peak_flops(devices[0].device_kind, dtype)
+  if peak and jb.flops:
+    result['mfu'] = jb.flops / step_time / (peak * len(devices))
+  if tb is not None:
+    t = statistics.median(torch_times)
+    result.update({'torch_images_per_sec': b / t, 'torch_step_time_ms': 1000 * t,
+                   'torch_device': tb.device, 'torch_amp_bf16': tb.amp,
+                   'jax_over_torch': t / step_time})
+  del jax
+  return result
+
+
+def main(argv):
+  del argv
+  from resnet_jax.errors import UserError
+  try:
+    result = benchmark(FLAGS.config, FLAGS.steps, FLAGS.rounds, FLAGS.num_classes,
+                       FLAGS.compare_torch, FLAGS.torch_threads)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except ImportError as e:
+    print(f'error: {e.name} is not installed (--compare-torch needs torch)', file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

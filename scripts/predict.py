@@ -1,0 +1,109 @@
+"""Prints the top-k classes with probabilities for images, using a trained workdir.
+
+  python scripts/predict.py --workdir=/tmp/run photo1.jpg photo2.png some_folder/
+
+The model, preprocessing and class names come from the workdir (config.json and
+the checkpoint), so predictions see images exactly as evaluation did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_string('workdir', None, 'A workdir written by resnet_jax.main.')
+flags.DEFINE_integer('top_k', 5, 'How many classes to print per image.')
+flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint to use.')
+flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.')
+FLAGS = flags.FLAGS
+
+
+def list_images(paths: list[str]) -> list[str]:
+  from resnet_jax.input_pipeline import IMAGE_EXTENSIONS
+  from resnet_jax.errors import UserError
+  found = []
+  for p in paths:
+    if os.path.isdir(p):
+      for root, _, files in sorted(os.walk(p)):
+        found += [os.path.join(root, f) for f in sorted(files)
+                  if f.lower().endswith(IMAGE_EXTENSIONS)]
+    elif os.path.isfile(p):
+      found.append(p)
+    else:
+      raise UserError(f'{p} does not exist')
+  if not found:
+    raise UserError('no JPEG or PNG images among the given paths')
+  return found
+
+
+def predict(workdir: str, paths: list[str], top_k: int = 5, which: str = 'best',
+            batch_size: int = 32) -> list[tuple[str, list[tuple[str, float]]]]:
+  """Returns [(path, [(class name, probability), ...]), ...]; unreadable files are skipped."""
+  import logging
+
+  import jax
+  import ml_collections
+  import numpy as np
+
+  from resnet_jax import checkpointing, input_pipeline, models
+  from resnet_jax.errors import UserError
+
+  config_path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(config_path):
+    raise UserError(f'--workdir: {workdir} has no config.json (not a resnet_jax workdir?)')
+  config = ml_collections.ConfigDict(json.load(open(config_path)))
+  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
+  restored = ckpt.restore_newest_valid(which=which)
+  if restored is None:
+    raise UserError(f'--workdir: no readable checkpoint in {ckpt.directory}')
+  step, state, meta = restored
+  class_names = list(meta.get('class_names') or [])
+  model = models.create_model(config.model, len(class_names))
+  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  apply = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x)))
+  tf = input_pipeline._tf()  # pylint: disable=protected-access
+  preprocess = input_pipeline.make_preprocess(config.dataset, train=False)
+  images, kept = [], []
+  for path in list_images(paths):
+    try:
+      raw = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+      images.append(preprocess(raw, tf.zeros([2], tf.int64)).numpy())
+      kept.append(path)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('Skipping unreadable image %s (%s)', path, type(e).__name__)
+  results = []
+  k = min(top_k, len(class_names))
+  for i in range(0, len(images), batch_size):
+    probs = np.asarray(apply(variables, np.stack(images[i:i + batch_size])))
+    for path, p in zip(kept[i:i + batch_size], probs):
+      order = np.argsort(-p)[:k]
+      results.append((path, [(class_names[j], float(p[j])) for j in order]))
+  logging.info('Predicted with checkpoint %d of %s', step, workdir)
+  return results
+
+
+def main(argv):
+  from resnet_jax.errors import UserError
+  if not FLAGS.workdir:
+    print('error: --workdir is required', file=sys.stderr)
+    sys.exit(2)
+  if len(argv) < 2:
+    print('error: give image files or folders after the flags', file=sys.stderr)
+    sys.exit(2)
+  try:
+    results = predict(FLAGS.workdir, argv[1:], FLAGS.top_k, FLAGS.checkpoint, FLAGS.batch_size)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  for path, top in results:
+    print(f'{path}: ' + ', '.join(f'{name} {p:.3f}' for name, p in top), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

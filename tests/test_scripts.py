@@ -1,0 +1,53 @@
+"""scripts/: the benchmark's JSON line (and its TensorFlow-free imports), and predict."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from resnet_jax import train
+from resnet_jax.errors import UserError
+from tests.conftest import REPO
+
+
+def test_benchmark_prints_json_without_importing_tensorflow():
+  code = ('import sys, runpy; sys.argv = ["benchmark.py", "--config=configs/mnist.py", '
+          '"--config.model.width_multiplier=0.25", "--config.dataset.image_size=8", '
+          '"--config.batch_size=8", "--steps=1", "--rounds=1"]\n'
+          'try:\n  runpy.run_path("scripts/benchmark.py", run_name="__main__")\n'
+          'except SystemExit:\n  pass\n'
+          'print("TF_LOADED", any(m.startswith("tensorflow") for m in sys.modules))')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                        timeout=300, env=dict(os.environ, XLA_FLAGS=''))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.strip().splitlines()
+  assert lines[-1] == 'TF_LOADED False'
+  result = json.loads(lines[-2])
+  for key in ('images_per_sec', 'step_time_ms', 'compile_time_s', 'num_devices', 'device_kind',
+              'flops_per_image', 'mfu'):
+    assert key in result
+  assert result['num_devices'] == 1 and result['images_per_sec'] > 0
+  assert result['flops_per_image'] > 1e5   # ResNet-20/4 at 8px: a few MFLOP per image.
+
+
+def test_predict_prints_top_k_with_class_names(folder_config, tmp_path, caplog):
+  sys.path.insert(0, os.path.join(REPO, 'scripts'))
+  import predict  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / 'wd')
+  train.train_and_evaluate(folder_config, workdir)
+  folder = os.path.join(folder_config.dataset.data_dir, 'test', 'dog')
+  bad = tmp_path / 'broken.jpg'
+  bad.write_bytes(b'nope')
+  with caplog.at_level(logging.WARNING):
+    results = predict.predict(workdir, [folder, str(bad)], top_k=2)
+  assert len(results) == len(os.listdir(folder)) == 5
+  for path, top in results:
+    assert len(top) == 2 and {n for n, _ in top} <= {'cat', 'dog', 'frog'}
+    probs = [p for _, p in top]
+    assert probs == sorted(probs, reverse=True) and 0 <= probs[-1] and sum(probs) <= 1 + 1e-6
+  assert any('broken.jpg' in r.getMessage() for r in caplog.records)
+  with pytest.raises(UserError, match='config.json'):
+    predict.predict(str(tmp_path), [folder])
