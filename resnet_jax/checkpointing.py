@@ -148,14 +148,19 @@ class LoadReport:
             f'{len(self.shape_mismatch)} shape-mismatched')
 
 
+def _flat_variables(tree: dict[str, Any]) -> dict[str, Any]:
+  """{'params': ..., 'batch_stats': ...} -> {'params/stem/conv/kernel': leaf, ...}."""
+  return {f'{c}/{p}': v for c in ('params', 'batch_stats')
+          for p, v in flat_paths(tree.get(c, {})).items()}
+
+
 def compare_trees(loaded: dict[str, Any], target: dict[str, Any], dont_load: str) -> LoadReport:
   """Compares {'params','batch_stats'} trees by '/'-joined path ('params/stem/conv/kernel')."""
   try:
     skip = re.compile(dont_load) if dont_load else None
   except re.error as e:
     raise UserError(f'config.finetune.dont_load: invalid regex {dont_load!r}: {e}') from None
-  lf = {f'{c}/{p}': v for c in ('params', 'batch_stats') for p, v in flat_paths(loaded.get(c, {})).items()}
-  tf = {f'{c}/{p}': v for c in ('params', 'batch_stats') for p, v in flat_paths(target.get(c, {})).items()}
+  lf, tf = _flat_variables(loaded), _flat_variables(target)
   strip = lambda p: p.split('/', 1)[1]  # dont_load is written over parameter paths.
   rep = LoadReport([], [], [], [], [])
   for p in sorted(set(lf) | set(tf)):
@@ -174,7 +179,7 @@ def compare_trees(loaded: dict[str, Any], target: dict[str, Any], dont_load: str
 
 def merge_loaded(loaded: dict[str, Any], target: dict[str, Any], report: LoadReport) -> dict[str, Any]:
   """Target tree with every matched leaf replaced by the loaded value (dtype of the target)."""
-  lf = {f'{c}/{p}': v for c in ('params', 'batch_stats') for p, v in flat_paths(loaded.get(c, {})).items()}
+  lf = _flat_variables(loaded)
   matched = set(report.matched)
   out = {}
   for c in ('params', 'batch_stats'):

@@ -199,6 +199,29 @@ class Setup:
     return self.par.compile(train_step), self.par.compile(eval_step, donate_state=False)
 
 
+_SHAPE_FIELDS = ('name', 'stem', 'width_multiplier')
+
+
+def _check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """A usable workdir whose earlier run (if any) trained the same network."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f'--workdir: {workdir} exists and is not a directory')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'--workdir: cannot create {workdir} ({e.strerror})') from None
+  if not os.access(workdir, os.W_OK):
+    raise UserError(f'--workdir: {workdir} is not writable')
+  saved_path = os.path.join(workdir, 'config.json')
+  if os.path.isfile(saved_path) and os.path.isdir(checkpointing.checkpoint_dir(workdir)):
+    with open(saved_path) as f:
+      saved = json.load(f).get('model', {})
+    for field in _SHAPE_FIELDS:
+      if field in saved and saved[field] != config.model.get(field):
+        raise UserError(f'config.model.{field}: {config.model.get(field)!r} differs from '
+                        f'{saved[field]!r} of the run in {workdir}; use a new workdir')
+
+
 def _write_json_atomic(path: str, obj: Any) -> None:
   tmp = f'{path}.tmp'
   with open(tmp, 'w') as f:
@@ -251,10 +274,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = setup.make_state(variables)
   train_step, eval_step = setup.steps()
 
-  os.makedirs(workdir, exist_ok=True)
+  _check_workdir(workdir, config)
   ckpt = checkpointing.Checkpointer(workdir, keep=int(config.get('keep_checkpoints', 2)))
   restored = ckpt.restore_newest_valid(jax.device_get(state))
   start_step = 0
+  if restored is None and ckpt.steps():
+    raise UserError(f'workdir {workdir}: none of its checkpoints {ckpt.steps()} can be restored '
+                    'into this model; refusing to start over there (use a new workdir)')
   if restored is not None:
     start_step, state, meta = restored
     if meta.get('class_names') and meta['class_names'] != info.class_names:
@@ -282,42 +308,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   results: dict[str, Any] = {}
   pending: list[Any] = []
   step = start_step
-  with _Preemption() as preempt:
-    while step < total:
-      state, metrics = train_step(state, next(train_iter))
-      pending.append(metrics)
-      step += 1
-      rep.tick(step)
-      if step % log_every == 0 or step == total:
-        host = [setup.par.get_metrics(m) for m in pending]
-        pending = []
-        means = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
-        means['learning_rate'] = float(host[-1]['learning_rate'])  # A value, not a mean.
-        if not np.isfinite(means['loss']):
-          raise FloatingPointError(f'non-finite training loss {means["loss"]} at step {step}; '
-                                   'no checkpoint written (lower the learning rate?)')
-        rep.train_metrics(step, means)
-      if step % eval_every == 0 or step == total:
-        res = evaluate(setup.par, eval_step, state,
-                       data.eval_iter(setup.local_eval_batch, jax.process_index(),
-                                      jax.process_count()))
-        results = rep.eval_results(step, res, final=step == total)
-        ckpt.save(step, setup.par.get_state(state), {**meta, 'eval': results_brief(results)},
-                  metrics={'accuracy': results['accuracy']})
-      elif step % ckpt_every == 0:
-        ckpt.save(step, setup.par.get_state(state), meta)
-      if preempt.signum is not None:
-        ckpt.save(step, setup.par.get_state(state), meta)
-        ckpt.close()
-        rep.close()
-        raise Preempted(step, preempt.signum)
-  ckpt.close()
-  if start_step >= total and not results:
-    logging.info('Workdir already holds the final step %d; evaluating it.', start_step)
-    res = evaluate(setup.par, eval_step, state,
-                   data.eval_iter(setup.local_eval_batch, jax.process_index(), jax.process_count()))
-    results = rep.eval_results(start_step, res, final=True)
-  rep.close()
+  try:
+    with _Preemption() as preempt:
+      while step < total:
+        state, metrics = train_step(state, next(train_iter))
+        pending.append(metrics)
+        step += 1
+        rep.tick(step)
+        if step % log_every == 0 or step == total:
+          host = [setup.par.get_metrics(m) for m in pending]
+          pending = []
+          means = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+          means['learning_rate'] = float(host[-1]['learning_rate'])  # A value, not a mean.
+          if not np.isfinite(means['loss']):
+            raise FloatingPointError(f'non-finite training loss {means["loss"]} at step {step}; '
+                                     'no checkpoint written (lower the learning rate?)')
+          rep.train_metrics(step, means)
+        if step % eval_every == 0 or step == total:
+          res = evaluate(setup.par, eval_step, state,
+                         data.eval_iter(setup.local_eval_batch, jax.process_index(),
+                                        jax.process_count()))
+          results = rep.eval_results(step, res, final=step == total)
+          ckpt.save(step, setup.par.get_state(state), {**meta, 'eval': results_brief(results)},
+                    metrics={'accuracy': results['accuracy']})
+        elif step % ckpt_every == 0:
+          ckpt.save(step, setup.par.get_state(state), meta)
+        if preempt.signum is not None:
+          ckpt.save(step, setup.par.get_state(state), meta)
+          raise Preempted(step, preempt.signum)
+    if start_step >= total and not results:
+      logging.info('Workdir already holds the final step %d; evaluating it.', start_step)
+      res = evaluate(setup.par, eval_step, state,
+                     data.eval_iter(setup.local_eval_batch, jax.process_index(),
+                                    jax.process_count()))
+      results = rep.eval_results(start_step, res, final=True)
+  finally:
+    # Also on errors: let an in-flight asynchronous save finish, flush the writers.
+    ckpt.close()
+    rep.close()
   return results
 
 

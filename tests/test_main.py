@@ -66,6 +66,8 @@ def trained_workdir(tmp_path_factory):
     ('--config.dataset.train_split=nosuchsplit', ('config.dataset.train_split', 'nosuchsplit')),
     ('--config.batch_size=abc', ('batch_size',)),
     ('--config.no_such_field=1', ('no_such_field',)),
+    ('--config.model.name=resnet32', ('config.model.name', 'new workdir')),
+    ('--config.model.width_multiplier=0.5', ('config.model.width_multiplier', 'new workdir')),
 ])
 def test_bad_input_is_one_line_and_leaves_the_workdir_untouched(trained_workdir, override,
                                                                  fragments):
@@ -93,6 +95,16 @@ def test_batch_that_does_not_divide_over_devices(trained_workdir, tmp_path):
   proc = run_main('--config=configs/default.py', f'--workdir={tmp_path}/wd', *FOLDER_ARGS,
                   f'--config.dataset.data_dir={images}', '--config.batch_size=6', devices=4)
   assert_one_line_error(proc, 'config.batch_size', '6', '4 devices')
+
+
+def test_workdir_that_is_a_file(trained_workdir, tmp_path):
+  images, _ = trained_workdir
+  target = tmp_path / 'afile'
+  target.write_text('keep me')
+  proc = run_main('--config=configs/default.py', f'--workdir={target}', *FOLDER_ARGS,
+                  f'--config.dataset.data_dir={images}')
+  assert_one_line_error(proc, '--workdir', 'not a directory')
+  assert target.read_text() == 'keep me'
 
 
 def test_eval_mode_without_a_checkpoint_and_missing_config(tmp_path):
