@@ -39,6 +39,7 @@ class Checkpointer:
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, create=not read_only, read_only=read_only,
+        save_interval_steps=0 if read_only else 1,
         cleanup_tmp_directories=not read_only)
     self.directory = checkpoint_dir(workdir)
     self.manager = ocp.CheckpointManager(self.directory, options=options)

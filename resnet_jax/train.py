@@ -313,6 +313,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       while step < total:
         state, metrics = train_step(state, next(train_iter))
         pending.append(metrics)
+        if len(pending) >= 2:
+          # At most two steps in flight: enough to keep the device busy, and a
+          # signal or an error is acted on within a step or two, not dozens.
+          jax.block_until_ready(pending[-2])
         step += 1
         rep.tick(step)
         if step % log_every == 0 or step == total:
