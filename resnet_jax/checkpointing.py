@@ -63,9 +63,6 @@ class Checkpointer:
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         metrics=metrics, force=True)
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def restore(self, step: int, abstract_state: Any | None = None) -> tuple[Any, dict[str, Any]]:
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))

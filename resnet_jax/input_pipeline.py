@@ -90,11 +90,6 @@ class Source:
   def __len__(self) -> int:
     return len(self.labels)
 
-  def subset(self, idx: np.ndarray) -> 'Source':
-    return Source(labels=self.labels[idx],
-                  paths=None if self.paths is None else self.paths[idx],
-                  images=None if self.images is None else self.images[idx])
-
 
 @dataclasses.dataclass
 class StreamSource:

@@ -42,10 +42,6 @@ class Parallel:
   def bn_axis_name(self) -> str | None:
     return PMAP_AXIS if self.mode == 'pmap' else None
 
-  @property
-  def step_axis_name(self) -> str | None:
-    return PMAP_AXIS if self.mode == 'pmap' else None
-
   def check_batch(self, field: str, global_batch: int) -> int:
     """Validates a global batch size and returns the per-process batch size."""
     if global_batch <= 0:
