@@ -328,6 +328,14 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
 
 
+def check_steps_per_epoch(n: int, global_batch: int) -> int:
+  """Whole global batches per epoch; none at all is a bad batch size."""
+  if n // global_batch == 0:
+    raise UserError(f'config.batch_size: {global_batch} is larger than the training split '
+                    f'({n} examples)')
+  return n // global_batch
+
+
 def _train_indices(seed: int, n: int, local_batch: int, start_step: int,
                    process_index: int, process_count: int
                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -338,10 +346,7 @@ def _train_indices(seed: int, n: int, local_batch: int, start_step: int,
   The incomplete global batch at the end of an epoch is dropped.
   """
   global_batch = local_batch * process_count
-  steps_per_epoch = n // global_batch
-  if steps_per_epoch == 0:
-    raise UserError(f'config.batch_size: {global_batch} is larger than the training split '
-                    f'({n} examples)')
+  steps_per_epoch = check_steps_per_epoch(n, global_batch)
   step = start_step
   while True:
     epoch, offset = divmod(step, steps_per_epoch)
@@ -390,9 +395,8 @@ class Data:
     load = _load_example(tf, self.train_source)
     n = len(self.train_source)
     gen = lambda: _train_indices(seed, n, local_batch, start_step, process_index, process_count)
-    if n // (local_batch * process_count) == 0:
-      raise UserError(f'config.batch_size: {local_batch * process_count} is larger than the '
-                      f'training split ({n} examples)')
+    # Checked here too: inside the tf.data generator the error would become a TF error.
+    check_steps_per_epoch(n, local_batch * process_count)
     ds = tf.data.Dataset.from_generator(gen, output_signature=(
         tf.TensorSpec((local_batch,), tf.int64), tf.TensorSpec((local_batch,), tf.int64)))
     ds = ds.unbatch()

@@ -202,22 +202,28 @@ def build_param_spec(config: Any, params: Any) -> ParamSpec:
 # --------------------------------------------------------------------------- optimizer
 
 
+def check_optimizer(config: Any) -> None:
+  """The optimizer fields that can be wrong before any parameter exists."""
+  oc = config.optimizer
+  if oc.name not in OPTIMIZERS:
+    raise UserError(f'config.optimizer.name: unknown optimizer {oc.name!r}; choose one of '
+                    f'{", ".join(OPTIMIZERS)}')
+  if float(oc.get('weight_decay', 0.0)) < 0:
+    raise UserError(f'config.optimizer.weight_decay: must be >= 0, got {oc.weight_decay}')
+
+
 def _base_optimizer(config: Any, lr: optax.Schedule, decay_mask: Any) -> optax.GradientTransformation:
+  check_optimizer(config)
   oc = config.optimizer
   wd = float(oc.get('weight_decay', 0.0))
-  if wd < 0:
-    raise UserError(f'config.optimizer.weight_decay: must be >= 0, got {wd}')
   if oc.name == 'sgd':
     momentum = float(oc.get('momentum', 0.9))
     # Coupled L2 (added to the gradient before momentum), as torch.optim.SGD does.
     return optax.chain(
         optax.add_decayed_weights(wd, mask=decay_mask) if wd else optax.identity(),
         optax.sgd(lr, momentum=momentum or None, nesterov=bool(oc.get('nesterov', False))))
-  if oc.name == 'adamw':
-    return optax.adamw(lr, b1=float(oc.get('b1', 0.9)), b2=float(oc.get('b2', 0.999)),
-                       eps=float(oc.get('eps', 1e-8)), weight_decay=wd, mask=decay_mask)
-  raise UserError(f'config.optimizer.name: unknown optimizer {oc.name!r}; choose one of '
-                  f'{", ".join(OPTIMIZERS)}')
+  return optax.adamw(lr, b1=float(oc.get('b1', 0.9)), b2=float(oc.get('b2', 0.999)),
+                     eps=float(oc.get('eps', 1e-8)), weight_decay=wd, mask=decay_mask)
 
 
 def make_optimizer(config: Any, spec: ParamSpec, params: Any,
@@ -254,5 +260,5 @@ def total_steps_from_config(config: Any, num_train_examples: int) -> int:
   return max(1, int(math.ceil(epochs * num_train_examples / int(config.batch_size))))
 
 
-__all__ = ['ParamSpec', 'build_param_spec', 'make_optimizer', 'make_schedule',
+__all__ = ['ParamSpec', 'build_param_spec', 'check_optimizer', 'make_optimizer', 'make_schedule',
            'cross_entropy', 'total_steps_from_config', 'path_str', 'flat_paths', 'FROZEN']

@@ -132,9 +132,11 @@ def evaluate(par: parallel.Parallel, eval_step: Callable[..., Any], state: Any,
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks that need no data or devices, so bad settings fail before any work."""
-  if config.get('mode_eval_checkpoint', 'latest') not in ('latest', 'best'):
-    raise UserError('config.mode_eval_checkpoint: choose latest or best')
+  """Checks that need no data or devices, so bad settings fail before any work.
+
+  The model, schedule and optimizer are checked by the functions that build
+  them, called here on dummy sizes, so each rule is written once.
+  """
   for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
     if int(config.get(field, 0)) < 0:
       raise UserError(f'config.{field}: must be >= 0, got {config.get(field)}')
@@ -142,15 +144,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'config.grad_accum_steps: must be >= 1, got {config.grad_accum_steps}')
   if not 0.0 <= float(config.get('label_smoothing', 0.0)) < 1.0:
     raise UserError(f'config.label_smoothing: must be in [0, 1), got {config.label_smoothing}')
-  if config.optimizer.name not in optim.OPTIMIZERS:
-    raise UserError(f'config.optimizer.name: unknown optimizer {config.optimizer.name!r}; '
-                    f'choose one of {", ".join(optim.OPTIMIZERS)}')
-  if config.schedule.name not in optim.SCHEDULES:
-    raise UserError(f'config.schedule.name: unknown schedule {config.schedule.name!r}; '
-                    f'choose one of {", ".join(optim.SCHEDULES)}')
-  if config.model.name not in models.ARCHS:
-    raise UserError(f'config.model.name: unknown model {config.model.name!r}; choose one of '
-                    f'{", ".join(models.ARCHS)}')
+  models.create_model(config.model, num_classes=1)
+  optim.make_schedule(config, total_steps=1)
+  optim.check_optimizer(config)
 
 
 class Setup:
@@ -189,6 +185,12 @@ class Setup:
     return {'step': jnp.asarray(0, jnp.int32), 'params': params,
             'batch_stats': variables.get('batch_stats', {}),
             'opt_state': self.tx.init(params)}
+
+  def evaluate(self, eval_step: Callable[..., Any], state: Any, data: Any) -> dict[str, Any]:
+    """Scores the whole eval split (this process's shard) with `eval_step`."""
+    return evaluate(self.par, eval_step, state,
+                    data.eval_iter(self.local_eval_batch, jax.process_index(),
+                                   jax.process_count()))
 
   def steps(self):
     train_step = make_train_step(
@@ -329,9 +331,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                      'no checkpoint written (lower the learning rate?)')
           rep.train_metrics(step, means)
         if step % eval_every == 0 or step == total:
-          res = evaluate(setup.par, eval_step, state,
-                         data.eval_iter(setup.local_eval_batch, jax.process_index(),
-                                        jax.process_count()))
+          res = setup.evaluate(eval_step, state, data)
           results = rep.eval_results(step, res, final=step == total)
           ckpt.save(step, setup.par.get_state(state), {**meta, 'eval': results_brief(results)},
                     metrics={'accuracy': results['accuracy']})
@@ -342,9 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           raise Preempted(step, preempt.signum)
     if start_step >= total and not results:
       logging.info('Workdir already holds the final step %d; evaluating it.', start_step)
-      res = evaluate(setup.par, eval_step, state,
-                     data.eval_iter(setup.local_eval_batch, jax.process_index(),
-                                    jax.process_count()))
+      res = setup.evaluate(eval_step, state, data)
       results = rep.eval_results(start_step, res, final=True)
   finally:
     # Also on errors: let an in-flight asynchronous save finish, flush the writers.
@@ -393,8 +391,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     raise UserError(f'--mode=eval: no readable checkpoint in {ckpt.directory}')
   step, state, _ = restored
   rep = reporting.Reporter(workdir, info.class_names, setup.total_steps)
-  res = evaluate(setup.par, eval_step, setup.par.put_state(state),
-                 data.eval_iter(setup.local_eval_batch, jax.process_index(), jax.process_count()))
+  res = setup.evaluate(eval_step, setup.par.put_state(state), data)
   results = rep.eval_results(step, res, final=True, checkpoint=which)
   rep.close()
   return results
