@@ -144,8 +144,8 @@ def fetch_torchvision(arch: str, cache_dir: str) -> str:
   except Exception as e:  # pylint: disable=broad-except
     if os.path.exists(tmp):
       os.remove(tmp)
-    raise UserError(f'cannot download {url} ({type(e).__name__}); offline? fetch that file '
-                    f'elsewhere and place it at {dest}') from None
+    raise UserError(f'config.finetune.init_from: cannot download {url} ({type(e).__name__}); '
+                    f'offline? fetch that file elsewhere and place it at {dest}') from None
   return dest
 
 

@@ -471,6 +471,6 @@ def test_torchvision_download_gives_up_within_seconds(tmp_path, monkeypatch):
     raise urllib.error.URLError('no network')
 
   monkeypatch.setattr(pretrained.urllib.request, 'urlopen', offline)
-  with pytest.raises(UserError, match='place it at'):
+  with pytest.raises(UserError, match='^config.finetune.init_from: cannot download .*place it at'):
     pretrained.fetch_torchvision('resnet18', str(tmp_path))
   assert timeouts and max(timeouts) <= 30
