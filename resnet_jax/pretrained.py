@@ -3,12 +3,15 @@
 `finetune.init_from` may be
   * '' : train from scratch;
   * a workdir or checkpoint directory of this project (params and batch_stats);
-  * a torchvision-layout state dict file: `.safetensors` (read without torch) or
-    `.pth`/`.pt` (needs torch);
+  * a torchvision-layout state dict file: `.safetensors`, or `.pth`/`.pt` read
+    by `torch_pickle` (no torch needed, and no code in the file is run);
   * 'torchvision:<arch>': the published ImageNet weights, downloaded once into
-    `finetune.cache_dir` and converted.
+    `finetune.cache_dir` and converted;
+  * 'timm:<name>': `model.safetensors` of the Hub repo `timm/<name>` (`hub`).
 Before loading, the two trees are compared name by name; any mismatch not
 covered by `finetune.dont_load` is an error that lists the names.
+`check_source` answers, without downloading, whether `init_from` can be had,
+so a caller can report it before any training work.
 """
 
 from __future__ import annotations
@@ -16,14 +19,18 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
+import urllib.error
 import urllib.request
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from resnet_jax import checkpointing
+from resnet_jax import checkpointing, hub, torch_pickle
 from resnet_jax.errors import UserError
 
+# Seconds without an answer before a download gives up (per connection attempt or read).
+DOWNLOAD_TIMEOUT_S = 20
 # torchvision's published ImageNet weights (IMAGENET1K_V1).
 TORCHVISION_URLS = {
     'resnet18': 'https://download.pytorch.org/models/resnet18-f37072fd.pth',
@@ -95,7 +102,7 @@ def convert_torch_state_dict(state_dict: dict[str, np.ndarray]) -> dict[str, Any
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a torch state dict from .safetensors (no torch needed) or .pth/.pt."""
+  """Reads a torch state dict from .safetensors or .pth/.pt, without torch either way."""
   if not os.path.isfile(path):
     raise UserError(f'config.finetune.init_from: weight file {path} does not exist')
   if path.endswith('.safetensors'):
@@ -105,20 +112,15 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     except Exception as e:  # pylint: disable=broad-except
       raise UserError(f'config.finetune.init_from: cannot read {path}: {e}') from None
   try:
-    import torch
-  except ImportError:
-    raise UserError(f'config.finetune.init_from: reading {path} needs torch '
-                    '(pip install torch==2.13.0) or a .safetensors file') from None
-  try:
-    sd = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f'config.finetune.init_from: cannot read {path}: {type(e).__name__}') from None
-  if isinstance(sd, dict) and 'state_dict' in sd:
+    sd = torch_pickle.load(path)
+  except UserError as e:
+    raise UserError(f'config.finetune.init_from: {e}') from None
+  if isinstance(sd, dict) and isinstance(sd.get('state_dict'), dict):
     sd = sd['state_dict']
   if not isinstance(sd, dict):
     raise UserError(f'config.finetune.init_from: {path} does not hold a state dict')
-  return {k.removeprefix('module.'): v.detach().float().numpy() for k, v in sd.items()
-          if hasattr(v, 'detach')}
+  return {str(k).removeprefix('module.'): v for k, v in sd.items()
+          if isinstance(v, np.ndarray)}
 
 
 def fetch_torchvision(arch: str, cache_dir: str) -> str:
@@ -135,15 +137,15 @@ def fetch_torchvision(arch: str, cache_dir: str) -> str:
   tmp = dest + '.part'
   try:
     logging.info('Downloading %s to %s', url, dest)
-    with urllib.request.urlopen(url, timeout=60) as r, open(tmp, 'wb') as f:
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r, open(tmp, 'wb') as f:
       while chunk := r.read(1 << 20):
         f.write(chunk)
     os.replace(tmp, dest)
   except Exception as e:  # pylint: disable=broad-except
     if os.path.exists(tmp):
       os.remove(tmp)
-    raise UserError(f'cannot download {url} ({type(e).__name__}); offline? fetch that file '
-                    f'elsewhere and place it at {dest}') from None
+    raise UserError(f'config.finetune.init_from: cannot download {url} ({type(e).__name__}); '
+                    f'offline? fetch that file elsewhere and place it at {dest}') from None
   return dest
 
 
@@ -152,11 +154,106 @@ def load_pretrained(init_from: str, cache_dir: str) -> dict[str, Any]:
   if init_from.startswith('torchvision:'):
     path = fetch_torchvision(init_from.split(':', 1)[1], cache_dir)
     return convert_torch_state_dict(read_state_dict(path))
+  if init_from.startswith('timm:'):
+    path = hub.fetch(init_from.split(':', 1)[1], cache_dir)
+    return convert_torch_state_dict(read_state_dict(path))
   if init_from.endswith(('.safetensors', '.pth', '.pt')):
     return convert_torch_state_dict(read_state_dict(init_from))
   if not os.path.exists(init_from):
     raise UserError(f'config.finetune.init_from: {init_from} does not exist')
   return checkpointing.load_variables(init_from)
+
+
+def check_source(config: Any, timeout_s: float = 5.0) -> str | None:
+  """Whether `config.finetune.init_from` can be had, answered before any training work.
+
+  Contract: returns None when there is nothing to load, or the weights are on
+  disk (a file, a project workdir/checkpoint folder, a cached `torchvision:` or
+  `timm:` download), or the remote file answered a metadata request; otherwise
+  one line, prefixed `config.finetune.init_from:`, naming the problem and, for
+  downloads, the file to fetch and where to put it (unknown architecture or
+  timm name, missing file or folder, not cached while `HF_HUB_OFFLINE` is set,
+  server unreachable or without that file). It never downloads weights, never
+  writes (not even the cache folder) and never raises for these problems; it
+  takes no network time when the weights are cached, and about `timeout_s`
+  seconds at most (DNS included) for the one request it makes otherwise. It does not
+  read the weights, so a corrupt file or one that does not fit the model still
+  fails later, in `initial_variables`, with its own UserError.
+  """
+  ft = config.get('finetune', None)
+  init_from = ft.get('init_from', '') if ft else ''
+  if not init_from:
+    return None
+  cache_dir = ft.get('cache_dir', '~/.cache/resnet_jax')
+  try:
+    if init_from.startswith('torchvision:'):
+      return _check_torchvision(init_from.split(':', 1)[1], cache_dir, timeout_s)
+    if init_from.startswith('timm:'):
+      name = init_from.split(':', 1)[1]
+      if hub.cached(name, cache_dir):
+        return None
+      if hub.offline():
+        return hub.missing(name, cache_dir, 'HF_HUB_OFFLINE is set')
+      return _within(lambda: hub.probe(name, cache_dir, timeout_s), timeout_s,
+                     hub.missing(name, cache_dir, f'the Hub did not answer within {timeout_s:g}s'))
+  except UserError as e:
+    return str(e)
+  if init_from.endswith(('.safetensors', '.pth', '.pt')):
+    if not os.path.isfile(init_from):
+      return f'config.finetune.init_from: weight file {init_from} does not exist'
+    return None
+  if not os.path.exists(init_from):
+    return f'config.finetune.init_from: {init_from} does not exist'
+  try:
+    checkpointing.find_checkpoint_root(init_from)
+  except UserError as e:
+    return str(e)
+  return None
+
+
+def _check_torchvision(arch: str, cache_dir: str, timeout_s: float) -> str | None:
+  if arch not in TORCHVISION_URLS:
+    raise UserError(f'config.finetune.init_from: no torchvision weights for {arch!r}; '
+                    f'choose one of {", ".join(TORCHVISION_URLS)}')
+  url = TORCHVISION_URLS[arch]
+  dest = os.path.join(os.path.expanduser(cache_dir), os.path.basename(url))
+  if os.path.isfile(dest):
+    return None
+
+  def head() -> str | None:
+    # A one-byte ranged GET: servers that refuse HEAD still answer it, and nothing is downloaded.
+    request = urllib.request.Request(url, headers={'Range': 'bytes=0-0'})
+    try:
+      urllib.request.urlopen(request, timeout=timeout_s).close()
+      return None
+    except urllib.error.HTTPError as e:
+      return _torchvision_missing(dest, f'{url} answered HTTP {e.code}')
+    except Exception as e:  # pylint: disable=broad-except
+      return _torchvision_missing(dest, f'{url} cannot be reached ({type(e).__name__})')
+
+  return _within(head, timeout_s,
+                 _torchvision_missing(dest, f'{url} did not answer within {timeout_s:g}s'))
+
+
+def _torchvision_missing(dest: str, why: str) -> str:
+  return (f'config.finetune.init_from: {os.path.basename(dest)} is not cached and {why}; '
+          f'fetch it elsewhere and place it at {dest}')
+
+
+def _within(probe: Callable[[], str | None], timeout_s: float, late: str) -> str | None:
+  """Runs a network probe with a hard deadline (socket timeouts do not bound DNS look-ups)."""
+  result: list[str | None] = []
+
+  def run() -> None:
+    try:
+      result.append(probe())
+    except UserError as e:
+      result.append(str(e))
+
+  worker = threading.Thread(target=run, daemon=True, name='resnet_jax-weights-probe')
+  worker.start()
+  worker.join(timeout_s + 1.0)
+  return result[0] if result else late
 
 
 def initial_variables(config: Any, fresh: dict[str, Any]) -> dict[str, Any]:
