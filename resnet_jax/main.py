@@ -31,8 +31,56 @@ def _fail(message: str, code: int = 2) -> None:
   sys.exit(code)
 
 
+def _reference_config():
+  """configs/default.py, which lists every known field."""
+  from configs import default  # pylint: disable=import-outside-toplevel
+  return default.get_config()
+
+
+def resolve_config_path(path: str) -> str:
+  """A --config path as given, or else relative to the installed `configs` package.
+
+  So `--config=configs/cifar10.py` works from any directory once the project is
+  installed (`pip install -e .`).
+  """
+  file_part, sep, arg = path.partition(':')
+  if os.path.exists(file_part):
+    return path
+  import configs  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(configs.__file__)))
+  candidate = os.path.join(root, file_part)
+  return candidate + sep + arg if os.path.isfile(candidate) else path
+
+
+def _config_file_arg(argv: list[str]) -> tuple[int, str] | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return i, arg.split('=', 1)[1]
+  return None
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """The first `--config.x.y=v` whose field the reference config lacks, described."""
+  from resnet_jax import config_fields  # pylint: disable=import-outside-toplevel
+  known = config_fields.field_paths(_reference_config())
+  for arg in argv:
+    if arg.startswith('--config.'):
+      path = arg[len('--config.'):].split('=', 1)[0]
+      if path not in known:
+        return config_fields.describe_unknown(path, known)
+  return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl parsing, but a bad flag or override is one line, not a usage dump."""
+  if any(a in ('--help', '-h', '-?', '--helpshort', '--helpfull') for a in argv[1:]):
+    print(__doc__.strip() + '\n\nflags:' + FLAGS.main_module_help())
+    sys.exit(0)
+  found = _config_file_arg(argv)
+  config_path = None
+  if found is not None:
+    config_path = resolve_config_path(found[1])
+    argv = argv[:found[0]] + [f'--config={config_path}'] + argv[found[0] + 1:]
   try:
     return FLAGS(argv)
   except flags.Error as e:
@@ -40,6 +88,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   except Exception as e:  # pylint: disable=broad-except
     # config files that fail to load or overrides of the wrong type end up here.
     msg = str(e).strip().splitlines()
+    if isinstance(e, AttributeError) and 'get_config' in str(e) and config_path:
+      _fail(f'--config: {config_path} has no get_config() function')
+    if isinstance(e, (AttributeError, KeyError)):
+      unknown = _unknown_override(argv)
+      if unknown:
+        _fail(unknown)
     _fail(f'{type(e).__name__}: {msg[-1] if msg else ""}')
   return []
 
@@ -64,6 +118,11 @@ def main(argv: list[str]) -> None:
     _fail(f'cannot load --config: {lines[-1] if lines else type(e).__name__}')
   if not FLAGS.workdir:
     _fail('--workdir is required')
+  from resnet_jax import config_fields
+  try:
+    config_fields.check_known_fields(FLAGS.config, _reference_config())
+  except UserError as e:
+    _fail(str(e))
   from resnet_jax import train  # After flag parsing: importing JAX takes a while.
   root = logging.getLogger()
   root.setLevel(logging.INFO)
