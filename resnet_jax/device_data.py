@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax.errors import UserError
-from resnet_jax.input_pipeline import _train_indices  # Pure numpy; no TensorFlow.
+# Pure Python and numpy; neither imports TensorFlow.
+from resnet_jax.input_pipeline import _train_indices, augment_kind
 from resnet_jax.parallel import Parallel
 
 
@@ -51,6 +52,22 @@ def _augment_one(image: jax.Array, key: jax.Array, pad: int, flip: bool) -> jax.
   return image
 
 
+def check_augment(config_ds: Any) -> str:
+  """The augmentation a device dataset will apply: pad_crop or none, resolved like the host's.
+
+  'auto' means what it means on the host (pad_crop up to 64 px, random_resized_crop
+  above), so the device never pad-crops where the host would resize-crop.
+  """
+  kind = augment_kind(config_ds)
+  if kind not in ('pad_crop', 'none'):
+    named = config_ds.get('augment', 'auto')
+    means = f' (at image_size {int(config_ds.image_size)} that means {kind})' \
+        if named != kind else ''
+    raise UserError(f'config.dataset.on_device: supports augment pad_crop or none, not '
+                    f'{named!r}{means}; set config.dataset.augment=pad_crop or on_device=False')
+  return kind
+
+
 class DeviceDataset:
   """A training split held on every device as uint8, batched and augmented there."""
 
@@ -58,10 +75,7 @@ class DeviceDataset:
     if par.mode != 'jit':
       raise UserError('config.dataset.on_device: needs parallelism=jit')
     cds = config.dataset
-    augment = cds.get('augment', 'auto')
-    if augment not in ('auto', 'pad_crop', 'none'):
-      raise UserError(f'config.dataset.on_device: supports augment pad_crop or none, not '
-                      f'{augment!r}')
+    augment = check_augment(cds)
     size = int(cds.image_size)
     if images.shape[1:] != (size, size, 3):
       raise UserError(f'config.dataset.on_device: images are {images.shape[1:]}, expected '
@@ -71,7 +85,7 @@ class DeviceDataset:
     self.par = par
     self.images = jax.device_put(images, par.replicated)
     self.labels = jax.device_put(labels.astype(np.int32), par.replicated)
-    pad = int(cds.get('crop_padding', 4)) if augment != 'none' else 0
+    pad = int(cds.get('crop_padding', 4)) if augment == 'pad_crop' else 0
     flip = bool(cds.get('flip', True))
     mean = jnp.asarray(cds.mean, jnp.float32) * 255.0
     std = jnp.asarray(cds.std, jnp.float32) * 255.0

@@ -13,7 +13,6 @@ Only this module and `reporting.py` import TensorFlow.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -24,7 +23,9 @@ import numpy as np
 
 from resnet_jax.errors import UserError
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+# What tf.io.decode_image reads (checked in the tests). GIF decodes too, but as its first
+# frame only, so GIF files are skipped and counted instead.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 AUGMENTATIONS = ('auto', 'pad_crop', 'random_resized_crop', 'resize_crop', 'none')
 _IN_MEMORY_MAX_BYTES = 4 << 30
 
@@ -102,21 +103,37 @@ class StreamSource:
     return self.num_examples
 
 
+def _fit_to_size(tf: Any, image: Any, size: int) -> Any:
+  """RGB float32 at size x size: the host pipeline's and the device dataset's shared first step."""
+  image = tf.cast(image, tf.float32)
+  if image.shape[-1] == 1:
+    image = tf.image.grayscale_to_rgb(image)
+  if image.shape[0] != size or image.shape[1] != size:
+    image = tf.image.resize(image, (size, size), antialias=True)
+  return image
+
+
 def to_uint8_images(source: Source, size: int) -> np.ndarray:
-  """The whole split as uint8 [N, size, size, 3] (for datasets kept on the device)."""
-  from PIL import Image
+  """The whole split as uint8 [N, size, size, 3] (for datasets kept on the device).
 
-  def load(i: int) -> np.ndarray:
-    im = Image.open(source.paths[i]) if source.paths is not None else \
-        Image.fromarray(source.images[i].squeeze(-1) if source.images.shape[-1] == 1
-                        else source.images[i])
-    im = im.convert('RGB')
-    if im.size != (size, size):
-      im = im.resize((size, size), Image.BILINEAR)
-    return np.asarray(im, np.uint8)
+  Files go through the training decoder (`_decode`) and the host pipeline's
+  resize, so a device-resident split holds the pixels the host pipeline would
+  have fed (PIL decodes JPEGs and 16-bit PNGs differently).
+  """
+  tf = _tf()
 
-  with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    return np.stack(list(pool.map(load, range(len(source)))))
+  def fit(image):
+    return tf.cast(tf.clip_by_value(tf.round(_fit_to_size(tf, image, size)), 0, 255), tf.uint8)
+
+  if source.paths is not None:
+    ds = tf.data.Dataset.from_tensor_slices(source.paths.astype(str))
+    ds = ds.map(lambda p: fit(_decode(tf, tf.io.read_file(p))),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  else:
+    ds = tf.data.Dataset.from_tensor_slices(source.images).map(
+        fit, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  parts = list(ds.batch(1024).as_numpy_iterator())
+  return np.concatenate(parts) if parts else np.zeros((0, size, size, 3), np.uint8)
 
 
 def _class_subset(config_ds: Any) -> list[str]:
@@ -126,18 +143,105 @@ def _class_subset(config_ds: Any) -> list[str]:
   return [c.strip() for c in str(classes).split(',') if c.strip()]
 
 
-def _check_image(path: str) -> str | None:
-  from PIL import Image
-  try:
-    with Image.open(path) as im:
-      im.load()
-    return None
-  except Exception as e:  # pylint: disable=broad-except
-    return f'{type(e).__name__}: {e}'
+def _check_classes(field: str, class_names: list[str], where: str) -> None:
+  """One class is no classification problem (and a silently perfect accuracy)."""
+  if len(class_names) < 2:
+    raise UserError(f'{field}: {where} has only {len(class_names)} class '
+                    f'({", ".join(class_names) or "none"}); classification needs at least two')
+
+
+def _tf_message(error: Exception) -> str:
+  """TensorFlow's error text without its '{{function_node ...}}' and '[Op:...]' wrapping."""
+  text = getattr(error, 'message', None) or str(error)
+  text = re.sub(r'\{\{[^}]*\}\}\s*', '', text)
+  text = re.sub(r'\s*\[Op:[^\]]*\].*$', '', text, flags=re.S).strip()
+  return f'{type(error).__name__}: {text.splitlines()[0] if text else ""}'
+
+
+def undecodable_images(paths: list[str]) -> dict[int, str]:
+  """{index: error} for the files the training decoder (`_decode`) cannot read.
+
+  Verification must use the decoder training uses: PIL accepts files (TIFF
+  named .jpg, for example) that `tf.io.decode_image` refuses mid-run. Decoding
+  runs as one parallel tf.data pass that drops failures; only the few failures
+  are decoded again, eagerly, for their messages. 50k CIFAR JPEGs take about
+  3 s on 2 cores (PIL in 8 threads took about 9 s).
+  """
+  if not paths:
+    return {}
+  tf = _tf()
+  ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths), dtype=np.int64),
+                                           np.asarray(paths, dtype=str)))
+  ds = ds.map(lambda i, p: (i, tf.shape(_decode(tf, tf.io.read_file(p)))),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  ok = np.zeros(len(paths), bool)
+  for index, _ in ds.ignore_errors().batch(4096).as_numpy_iterator():
+    ok[index] = True
+  bad = {}
+  for i in np.flatnonzero(~ok):
+    try:
+      _decode(tf, tf.io.read_file(paths[i]))
+    except Exception as e:  # pylint: disable=broad-except
+      bad[int(i)] = _tf_message(e)
+  return bad
+
+
+def _scan_split(split_dir: str, class_names: list[str]
+                ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+  """Image files per class folder, and the files skipped, keyed by why.
+
+  Only `<split>/<class>/<image>` with a readable extension is used. Files
+  directly in the split folder or nested deeper count as 'depth'; other
+  extensions as '.ext'. Hidden files (.DS_Store) are ignored silently.
+  """
+  skipped: dict[str, list[str]] = {}
+  for f in sorted(os.listdir(split_dir)):
+    if not f.startswith('.') and os.path.isfile(os.path.join(split_dir, f)):
+      skipped.setdefault('depth', []).append(os.path.join(split_dir, f))
+  files: dict[str, list[str]] = {}
+  for cls in class_names:
+    cdir = os.path.join(split_dir, cls)
+    files[cls] = []
+    if not os.path.isdir(cdir):
+      continue
+    for f in sorted(os.listdir(cdir)):
+      full = os.path.join(cdir, f)
+      if f.startswith('.'):
+        continue
+      if os.path.isdir(full):
+        for root, dirs, names in os.walk(full):
+          dirs[:] = [d for d in dirs if not d.startswith('.')]
+          skipped.setdefault('depth', []).extend(
+              os.path.join(root, n) for n in names if not n.startswith('.'))
+      elif f.lower().endswith(IMAGE_EXTENSIONS):
+        files[cls].append(f)
+      else:
+        skipped.setdefault(os.path.splitext(f)[1].lower() or '(none)', []).append(full)
+  return files, skipped
+
+
+def _warn_skipped(where: str, skipped: dict[str, list[str]]) -> None:
+  """One warning that counts every file the image folder ignored, and why."""
+  if not skipped:
+    return
+  depth = skipped.get('depth', [])
+  exts = {k: v for k, v in skipped.items() if k != 'depth'}
+  parts = []
+  if exts:
+    counts = ', '.join(f'{len(v)} {k}' for k, v in sorted(exts.items()))
+    parts.append(f'{sum(map(len, exts.values()))} for their extension ({counts}; read are '
+                 f'{", ".join(IMAGE_EXTENSIONS)})')
+  if depth:
+    parts.append(f'{len(depth)} for their depth (images belong in <split>/<class>/, '
+                 f'e.g. not {depth[0]})')
+  total = sum(map(len, skipped.values()))
+  logging.warning('config.dataset.data_dir: ignored %d files in %s: %s', total, where,
+                  '; '.join(parts))
 
 
 def _folder_split(field: str, root: str, split: str, class_names: list[str] | None,
-                  config_ds: Any) -> tuple[Source, list[str]]:
+                  config_ds: Any) -> tuple[Source, list[str], dict[str, list[str]]]:
+  """A split of an image folder, its class names and the files it skipped."""
   name, start, end = parse_split(field, split)
   split_dir = os.path.join(root, name)
   if not os.path.isdir(split_dir):
@@ -153,36 +257,38 @@ def _folder_split(field: str, root: str, split: str, class_names: list[str] | No
     if unknown:
       raise UserError(f'config.dataset.classes: {", ".join(unknown)} not found in {split_dir}')
     class_names = sorted(wanted) if wanted else found
+    _check_classes('config.dataset.classes' if wanted else 'config.dataset.data_dir',
+                   class_names, 'the class subset' if wanted else f'split folder {split_dir}')
   else:
     extra = [c for c in found if c not in class_names and not _class_subset(config_ds)]
     if extra:
       raise UserError(f'{field}: classes {", ".join(extra)} in {split_dir} are not in the '
                       'training split')
+  by_class, skipped = _scan_split(split_dir, class_names)
   paths, labels = [], []
   for label, cls in enumerate(class_names):
-    cdir = os.path.join(split_dir, cls)
-    files = sorted(f for f in os.listdir(cdir) if f.lower().endswith(IMAGE_EXTENSIONS)) \
-        if os.path.isdir(cdir) else []
-    files = apply_slice(files, start, end)
-    paths += [os.path.join(cdir, f) for f in files]
+    files = apply_slice(by_class[cls], start, end)
+    paths += [os.path.join(split_dir, cls, f) for f in files]
     labels += [label] * len(files)
   if not paths:
-    raise UserError(f'{field}: split {split!r} of {root} holds no JPEG or PNG images')
+    raise UserError(f'{field}: split {split!r} of {root} holds no images '
+                    f'({", ".join(IMAGE_EXTENSIONS)})')
   if config_ds.get('verify_images', True):
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-      problems = list(pool.map(_check_image, paths))
-    bad = [(p, err) for p, err in zip(paths, problems) if err]
+    bad = undecodable_images(paths)
     if bad:
+      first = min(bad)
       if config_ds.get('on_bad_image', 'skip') == 'error':
-        raise UserError(f'unreadable image {bad[0][0]} ({bad[0][1]}); set '
+        raise UserError(f'unreadable image {paths[first]} ({bad[first]}); set '
                         'config.dataset.on_bad_image=skip to skip such files')
-      for p, err in bad:
-        logging.warning('Skipping unreadable image %s (%s)', p, err)
-      keep = [i for i, e in enumerate(problems) if not e]
+      for i in sorted(bad):
+        logging.warning('Skipping unreadable image %s (%s)', paths[i], bad[i])
+      keep = [i for i in range(len(paths)) if i not in bad]
       paths = [paths[i] for i in keep]
       labels = [labels[i] for i in keep]
-  return Source(labels=np.asarray(labels, np.int32),
-                paths=np.asarray(paths, dtype=object)), class_names
+      if not paths:
+        raise UserError(f'{field}: no image of split {split!r} of {root} can be decoded')
+  return (Source(labels=np.asarray(labels, np.int32), paths=np.asarray(paths, dtype=object)),
+          class_names, skipped)
 
 
 DOWNLOAD_RETRIES = 3
@@ -275,7 +381,8 @@ def _tfds_in_memory(builder: Any, split: str, class_names: list[str],
 # --------------------------------------------------------------------------- preprocessing
 
 
-def _augment_kind(config_ds: Any) -> str:
+def augment_kind(config_ds: Any) -> str:
+  """The training augmentation: 'auto' is pad_crop up to 64 px, random_resized_crop above."""
   kind = config_ds.get('augment', 'auto')
   if kind not in AUGMENTATIONS:
     raise UserError(f'config.dataset.augment: unknown augmentation {kind!r}; choose one of '
@@ -298,7 +405,7 @@ def make_preprocess(config_ds: Any, train: bool):
   tf = _tf()
   size = int(config_ds.image_size)
   resize_size = int(config_ds.get('resize_size', 0) or 0)
-  kind = _augment_kind(config_ds) if train else 'eval'
+  kind = augment_kind(config_ds) if train else 'eval'
   mean = tf.constant(config_ds.mean, tf.float32) * 255.0
   std = tf.constant(config_ds.std, tf.float32) * 255.0
   pad = int(config_ds.get('crop_padding', 4))
@@ -311,8 +418,7 @@ def make_preprocess(config_ds: Any, train: bool):
       image = tf.image.grayscale_to_rgb(image)
     seeds = tf.random.experimental.stateless_split(seed, 3)
     if kind == 'pad_crop':
-      image = tf.image.resize(image, (size, size), antialias=True) \
-          if image.shape[0] != size or image.shape[1] != size else image
+      image = _fit_to_size(tf, image, size)  # As on the device (to_uint8_images).
       image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
       image = tf.image.stateless_random_crop(image, (size, size, 3), seeds[0])
     elif kind == 'random_resized_crop':
@@ -532,13 +638,23 @@ def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
   return out
 
 
+def _warn_overlap(config_ds: Any, train: Source, eval_: Source) -> None:
+  """Slices of one folder split that share images make the eval score optimistic."""
+  shared = set(train.paths) & set(eval_.paths)
+  if shared:
+    logging.warning('config.dataset.eval_split: %d of the %d eval images are also training '
+                    'images (train_split=%r, eval_split=%r overlap); eval accuracy will be '
+                    'optimistic', len(shared), len(eval_), config_ds.train_split,
+                    config_ds.eval_split)
+
+
 def create_data(config: Any) -> Data:
   """Resolves the config's dataset; every problem with it is a UserError."""
   cds = config.dataset
   size = int(cds.get('image_size', 0))
   if size <= 0:
     raise UserError(f'config.dataset.image_size: must be positive, got {size}')
-  _augment_kind(cds)
+  augment_kind(cds)
   for f in ('mean', 'std'):
     if len(tuple(cds.get(f, ()))) != 3:
       raise UserError(f'config.dataset.{f}: needs 3 values (one per channel)')
@@ -546,10 +662,16 @@ def create_data(config: Any) -> Data:
     root = cds.get('data_dir', '')
     if not root or not os.path.isdir(root):
       raise UserError(f'config.dataset.data_dir: image folder root {root!r} does not exist')
-    train, class_names = _folder_split('config.dataset.train_split', root,
-                                       cds.train_split, None, cds)
-    eval_, _ = _folder_split('config.dataset.eval_split', root, cds.eval_split,
-                             class_names, cds)
+    train, class_names, skipped = _folder_split('config.dataset.train_split', root,
+                                                cds.train_split, None, cds)
+    eval_, _, eval_skipped = _folder_split('config.dataset.eval_split', root, cds.eval_split,
+                                           class_names, cds)
+    dirs = sorted({parse_split('', split)[0] for split in (cds.train_split, cds.eval_split)})
+    if len(dirs) == 2:   # Two folders: count both. One folder: its files were scanned twice.
+      skipped = {k: skipped.get(k, []) + eval_skipped.get(k, [])
+                 for k in set(skipped) | set(eval_skipped)}
+    _warn_skipped(', '.join(os.path.join(root, d) for d in dirs), skipped)
+    _warn_overlap(cds, train, eval_)
   else:
     builder = _tfds_builder(cds)
     _tfds_check_split(builder, 'config.dataset.train_split', cds.train_split)
@@ -560,6 +682,8 @@ def create_data(config: Any) -> Data:
     if unknown:
       raise UserError(f'config.dataset.classes: {", ".join(unknown)} not in {cds.name}')
     class_names = sorted(wanted) if wanted else all_names
+    _check_classes('config.dataset.classes' if wanted else 'config.dataset.name', class_names,
+                   'the class subset' if wanted else f'dataset {cds.name!r}')
     shape = builder.info.features['image'].shape
     splits = builder.info.splits
     name = parse_split('', cds.train_split)[0]

@@ -11,6 +11,7 @@ compiled once from the config and the parameter tree and feeds:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from typing import Any, Mapping
@@ -39,8 +40,8 @@ def flat_paths(tree: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- schedules
 
 
-def make_schedule(config: Any, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0, then constant, cosine, linear or piecewise decay."""
+def check_schedule(config: Any) -> None:
+  """The schedule fields that can be wrong before the run's length is known."""
   sc = config.schedule
   base = float(config.optimizer.learning_rate)
   if base <= 0:
@@ -48,28 +49,71 @@ def make_schedule(config: Any, total_steps: int) -> optax.Schedule:
   warmup = int(sc.get('warmup_steps', 0))
   if warmup < 0:
     raise UserError(f'config.schedule.warmup_steps: must be >= 0, got {warmup}')
-  warmup = min(warmup, total_steps)
-  decay_steps = max(total_steps - warmup, 1)
-  name = sc.name
-  end = base * float(sc.get('end_factor', 0.0))
-  if name == 'constant':
-    main = optax.constant_schedule(base)
-  elif name == 'cosine':
-    main = optax.cosine_decay_schedule(base, decay_steps, alpha=end / base)
-  elif name == 'linear':
-    main = optax.linear_schedule(base, end, decay_steps)
-  elif name == 'piecewise':
+  if sc.name not in SCHEDULES:
+    raise UserError(f'config.schedule.name: unknown schedule {sc.name!r}; choose one of '
+                    f'{", ".join(SCHEDULES)}')
+  if sc.name == 'piecewise':
     boundaries = tuple(float(b) for b in sc.get('boundaries', ()))
     if any(not 0 < b < 1 for b in boundaries):
       raise UserError('config.schedule.boundaries: fractions of training in (0, 1), '
                       f'got {boundaries}')
-    factor = float(sc.get('decay_factor', 0.1))
-    # Boundaries are fractions of the whole run, counted from step 0.
-    main = optax.piecewise_constant_schedule(
-        base, {max(int(round(b * total_steps)) - warmup, 0): factor for b in boundaries})
-  else:
-    raise UserError(f'config.schedule.name: unknown schedule {name!r}; choose one of '
-                    f'{", ".join(SCHEDULES)}')
+
+
+def _piecewise_scales(boundaries: tuple[float, ...], factor: float,
+                      total_steps: int) -> dict[int, float]:
+  """{step: scale} with the factors of boundaries that land on one step multiplied.
+
+  optax's piecewise_constant_schedule takes a dict, so two boundaries on one
+  step (rounding, or both inside the warmup before this fix) would keep one factor.
+  """
+  scales: dict[int, float] = {}
+  for b in boundaries:
+    step = int(round(b * total_steps))
+    scales[step] = scales.get(step, 1.0) * factor
+  return scales
+
+
+def make_schedule(config: Any, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0, then constant, cosine, linear or piecewise decay.
+
+  Cosine and linear decay over the steps after the warmup. Piecewise
+  boundaries are fractions of the whole run counted from step 0, and every
+  boundary multiplies the learning rate by `decay_factor` at its step, wherever
+  it falls: the piecewise value is the warmup ramp times base times
+  decay_factor ** (boundaries passed). So with 1000 steps, 700 of warmup and
+  boundaries 0.3/0.6/0.9, the ramp is scaled by 0.1 from step 300 and 0.01 from
+  600, the rate is 0.01x at 700 and 0.001x from 900. (Deferring the inside-warmup
+  boundaries to the warmup's end would ramp to the full rate the schedule had
+  already decayed from, then drop 100x in one step.)
+
+  A warmup longer than the run is clipped to the run, with a warning.
+  """
+  check_schedule(config)
+  sc = config.schedule
+  base = float(config.optimizer.learning_rate)
+  warmup = int(sc.get('warmup_steps', 0))
+  if warmup > total_steps:
+    logging.warning('config.schedule.warmup_steps: %d is longer than the run (%d steps); '
+                    'warming up over all %d steps instead, so the peak learning rate %g is '
+                    'never reached', warmup, total_steps, total_steps, base)
+    warmup = total_steps
+  decay_steps = max(total_steps - warmup, 1)
+  name = sc.name
+  end = base * float(sc.get('end_factor', 0.0))
+  if name == 'piecewise':
+    boundaries = tuple(float(b) for b in sc.get('boundaries', ()))
+    steps = optax.piecewise_constant_schedule(
+        base, _piecewise_scales(boundaries, float(sc.get('decay_factor', 0.1)), total_steps))
+    if warmup == 0:
+      return steps
+    ramp = optax.linear_schedule(0.0, 1.0, warmup)
+    return lambda step: ramp(step) * steps(step)
+  if name == 'constant':
+    main = optax.constant_schedule(base)
+  elif name == 'cosine':
+    main = optax.cosine_decay_schedule(base, decay_steps, alpha=end / base)
+  else:  # linear
+    main = optax.linear_schedule(base, end, decay_steps)
   if warmup == 0:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), main], [warmup])
@@ -261,4 +305,5 @@ def total_steps_from_config(config: Any, num_train_examples: int) -> int:
 
 
 __all__ = ['ParamSpec', 'build_param_spec', 'check_optimizer', 'make_optimizer', 'make_schedule',
+           'check_schedule',
            'cross_entropy', 'total_steps_from_config', 'path_str', 'flat_paths', 'FROZEN']

@@ -5,8 +5,12 @@ Writes into the workdir:
   * `eval_results.json` after every evaluation (atomically replaced);
   * `history.jsonl`, one line per logged train step or evaluation, which the
     curves are drawn from and which survives resumption;
-  * at the end: `confusion_matrix.png`, `training_curves.png` and a
+  * after every evaluation: `confusion_matrix.png` and `training_curves.png`
+    (so a long run can be looked at while it trains); at the end also a
     classification-report table on the console.
+
+Both JSON files are strict JSON: a non-finite number (a diverged loss) is
+written as null, which `read_history` turns back into NaN.
 """
 
 from __future__ import annotations
@@ -18,6 +22,22 @@ from typing import Any
 
 import jax
 import numpy as np
+
+
+def _finite_or_none(value: Any) -> Any:
+  """The value with every non-finite float in it replaced by None (JSON null)."""
+  if isinstance(value, dict):
+    return {k: _finite_or_none(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite_or_none(v) for v in value]
+  if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+    return None
+  return value
+
+
+def strict_json(value: Any, **kwargs: Any) -> str:
+  """json.dumps that never writes the NaN/Infinity tokens strict parsers reject."""
+  return json.dumps(_finite_or_none(value), allow_nan=False, **kwargs)
 
 
 def per_class_report(confusion: np.ndarray, class_names: list[str]) -> dict[str, Any]:
@@ -137,7 +157,7 @@ class Reporter:
   def _history(self, record: dict[str, Any]) -> None:
     if self.lead:
       with open(self.history_path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+        f.write(strict_json(record) + '\n')
 
   def train_metrics(self, step: int, means: dict[str, float]) -> None:
     self.writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
@@ -145,13 +165,16 @@ class Reporter:
 
   def eval_results(self, step: int, res: dict[str, Any], final: bool,
                    checkpoint: str | None = None) -> dict[str, Any]:
-    """Writes eval_results.json (and at the end, the pictures and the table)."""
+    """Writes eval_results.json and the pictures (and at the end, the table).
+
+    `top5_accuracy` is always there: the fraction whose label is among the five
+    highest scores, so 1.0 by definition with five classes or fewer.
+    """
     confusion = res['confusion']
     report = per_class_report(confusion, self.class_names)
-    results = {'step': int(step), 'accuracy': res['accuracy'], 'loss': res['loss'],
+    results = {'step': int(step), 'accuracy': res['accuracy'],
+               'top5_accuracy': res['top5_accuracy'], 'loss': res['loss'],
                'num_examples': res['num_examples']}
-    if len(self.class_names) >= 5:
-      results['top5_accuracy'] = res['top5_accuracy']
     if checkpoint:
       results['checkpoint'] = checkpoint
     results.update(report)
@@ -166,16 +189,23 @@ class Reporter:
     if self.lead:
       path = os.path.join(self.workdir, 'eval_results.json')
       with open(path + '.tmp', 'w') as f:
-        json.dump(results, f, indent=2)
+        f.write(strict_json(results, indent=2))
       os.replace(path + '.tmp', path)
       if final:
         print(format_report(report), flush=True)
-        save_confusion_png(os.path.join(self.workdir, 'confusion_matrix.png'), confusion,
-                           self.class_names)
-        history = self.read_history()
-        if history:
-          save_curves_png(os.path.join(self.workdir, 'training_curves.png'), history)
+      self._save_pngs(confusion)
     return results
+
+  def _save_pngs(self, confusion: np.ndarray) -> None:
+    """Replaces both pictures (atomically, so a viewer never sees half a file)."""
+    path = os.path.join(self.workdir, 'confusion_matrix.png')
+    save_confusion_png(path + '.tmp.png', confusion, self.class_names)
+    os.replace(path + '.tmp.png', path)
+    history = self.read_history()
+    if history:
+      path = os.path.join(self.workdir, 'training_curves.png')
+      save_curves_png(path + '.tmp.png', history)
+      os.replace(path + '.tmp.png', path)
 
   def read_history(self) -> list[dict[str, Any]]:
     if not os.path.exists(self.history_path):
@@ -184,7 +214,8 @@ class Reporter:
     with open(self.history_path) as f:
       for line in f:
         if line.strip():
-          record = json.loads(line)
+          # null is a non-finite value (see strict_json); older files may hold bare NaN.
+          record = {k: float('nan') if v is None else v for k, v in json.loads(line).items()}
           # A resumed run logs some steps again; the newest record of a step wins.
           latest[(record['kind'], record['step'])] = record
     return sorted(latest.values(), key=lambda r: (r['step'], r['kind']))

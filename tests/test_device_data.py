@@ -63,3 +63,31 @@ def test_prefetch_keeps_order_and_yields_everything():
   batches = [{'x': np.full((2,), i, np.float32)} for i in range(5)]
   out = [int(b['x'][0]) for b in device_data.prefetch_to_device(par, iter(batches), 2)]
   assert out == [0, 1, 2, 3, 4]
+
+
+def test_device_images_are_the_pixels_the_host_pipeline_decodes(folder_config):
+  """to_uint8_images uses the training decoder: PIL decodes these JPEGs differently."""
+  folder_config.dataset.image_size = 12          # The files' size: no resize anywhere.
+  data = input_pipeline.create_data(folder_config)
+  device = input_pipeline.to_uint8_images(data.eval_source, 12)
+  host = np.concatenate([b['image'][b['mask'] > 0] for b in data.eval_iter(8)])
+  mean = np.asarray(folder_config.dataset.mean) * 255
+  std = np.asarray(folder_config.dataset.std) * 255
+  assert device.shape == host.shape == (15, 12, 12, 3) and device.dtype == np.uint8
+  np.testing.assert_allclose(device, host * std + mean, atol=1e-3)
+
+
+@pytest.mark.parametrize('augment,size,ok', [('auto', 8, True), ('auto', 72, False),
+                                             ('pad_crop', 72, True),
+                                             ('random_resized_crop', 8, False)])
+def test_on_device_resolves_auto_augment_like_the_host(folder_config, augment, size, ok):
+  """'auto' is pad_crop only up to 64 px; above, the host resize-crops, which the device can't."""
+  folder_config.dataset.augment = augment
+  folder_config.dataset.image_size = size
+  par = parallel.Parallel('jit', jax.devices()[:1])
+  images, labels = np.zeros((8, size, size, 3), np.uint8), np.zeros((8,), np.int32)
+  if ok:
+    device_data.DeviceDataset(images, labels, folder_config, par)
+  else:
+    with pytest.raises(UserError, match='config.dataset.on_device: .*random_resized_crop'):
+      device_data.DeviceDataset(images, labels, folder_config, par)

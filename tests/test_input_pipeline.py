@@ -60,25 +60,36 @@ def test_eval_counts_every_example_once(tmp_path, n_eval, batch):
   np.testing.assert_array_equal(seen, data.eval_source.labels)
 
 
+def _identities(batches):
+  """Each real example as (label, its image's bytes): noise images are all distinct."""
+  return [(int(l), im.tobytes()) for b in batches
+          for im, l, m in zip(b['image'], b['label'], b['mask']) if m]
+
+
 def test_eval_shards_cover_the_split_once_across_processes(folder_config):
   data = ip.create_data(folder_config)
-  counts, labels = [], []
+  whole = _identities(data.eval_iter(4))
+  assert len(set(whole)) == len(whole) == data.info.num_eval == 15
+  counts, shards = [], []
   for pid in range(3):
     batches = list(data.eval_iter(2, process_index=pid, process_count=3))
     counts.append(len(batches))
-    labels += [l for b in batches for l, m in zip(b['label'], b['mask']) if m]
+    shards += _identities(batches)
   assert len(set(counts)) == 1        # Equal batch counts, so collectives line up.
-  assert len(labels) == data.info.num_eval == 15
+  assert sorted(shards) == sorted(whole)   # Every example once: none twice, none missing.
 
 
 def test_training_data_is_a_function_of_seed_and_step(folder_config):
   data = ip.create_data(folder_config)
-  full = [next(it) for it in [data.train_iter(4, 0)] for _ in range(12)]
-  resumed = data.train_iter(4, start_step=7)
-  for step in range(7, 12):
-    b = next(resumed)
-    np.testing.assert_array_equal(b['label'], full[step]['label'])
-    np.testing.assert_array_equal(b['image'], full[step]['image'])
+  # 30 images in batches of 4: 7 steps per epoch. Resume in the middle of the
+  # first and the second epoch, and run on across the next epoch boundary.
+  full = [next(it) for it in [data.train_iter(4, 0)] for _ in range(17)]
+  for start in (3, 10):
+    resumed = data.train_iter(4, start_step=start)
+    for step in range(start, start + 7):
+      b = next(resumed)
+      np.testing.assert_array_equal(b['label'], full[step]['label'], err_msg=f'{start} {step}')
+      np.testing.assert_array_equal(b['image'], full[step]['image'], err_msg=f'{start} {step}')
   # Another seed gives another order.
   folder_config.seed = 1
   other = next(ip.create_data(folder_config).train_iter(4, 0))
@@ -160,10 +171,128 @@ def test_streaming_tfds_is_deterministic_resumable_and_counts_eval_once(tmp_path
     data = ip.create_data(c)
     assert isinstance(data.train_source, ip.StreamSource) and data.info.num_eval == 23
     it = data.train_iter(4)
-    full = [next(it) for _ in range(8)]
-    resumed = data.train_iter(4, start_step=5)
-    for step in range(5, 8):
-      b = next(resumed)
-      np.testing.assert_array_equal(b['label'], full[step]['label'])
-      np.testing.assert_array_equal(b['image'], full[step]['image'])
+    full = [next(it) for _ in range(10)]
+    # 23 records: step 3 starts at record 12 and step 7 at record 28, both mid-pass,
+    # and both run on past the end of a pass over the records.
+    for start in (3, 7):
+      resumed = data.train_iter(4, start_step=start)
+      for step in range(start, 10):
+        b = next(resumed)
+        np.testing.assert_array_equal(b['label'], full[step]['label'])
+        np.testing.assert_array_equal(b['image'], full[step]['image'])
     assert sum(int(b['mask'].sum()) for b in data.eval_iter(5)) == 23
+
+
+def _image_bytes(fmt, size=12, seed=0):
+  import io
+  from PIL import Image
+  pixels = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, fmt)
+  return buf.getvalue()
+
+
+def test_verification_uses_the_training_decoder(folder_config, caplog):
+  """A TIFF named .jpg opens in PIL but not in tf.io.decode_image: it must not reach training."""
+  cat = os.path.join(folder_config.dataset.data_dir, 'train', 'cat')
+  tiff, bmp = os.path.join(cat, '0098.jpg'), os.path.join(cat, '0099.jpg')
+  with open(tiff, 'wb') as f:
+    f.write(_image_bytes('TIFF'))
+  with open(bmp, 'wb') as f:
+    f.write(_image_bytes('BMP'))       # Decodes in training too, so it is kept.
+  with caplog.at_level(logging.WARNING):
+    data = ip.create_data(folder_config)
+  paths = set(data.train_source.paths)
+  assert tiff not in paths and bmp in paths and data.info.num_train == 31
+  named = [r.getMessage() for r in caplog.records if tiff in r.getMessage()]
+  assert len(named) == 1 and 'Unknown image file format' in named[0]
+  assert '{{' not in named[0] and '[Op:' not in named[0]       # TF's wrapping is cut.
+  # Every file that reached training decodes: a whole epoch and more runs.
+  it = data.train_iter(4)
+  for _ in range(9):
+    assert next(it)['image'].shape == (4, 8, 8, 3)
+  folder_config.dataset.on_bad_image = 'error'
+  with pytest.raises(UserError, match='0098.jpg'):
+    ip.create_data(folder_config)
+
+
+@pytest.mark.parametrize('fmt', ['BMP', 'WEBP', 'GIF'])
+def test_the_training_decoder_reads_bmp_webp_and_gif(fmt):
+  """What IMAGE_EXTENSIONS promises (and why .gif, first frame only, is left out)."""
+  tf = ip._tf()
+  image = ip._decode(tf, tf.constant(_image_bytes(fmt)))
+  assert tuple(image.shape) == (12, 12, 3)
+
+
+def test_bmp_and_webp_files_are_training_images(folder_config):
+  cat = os.path.join(folder_config.dataset.data_dir, 'train', 'cat')
+  for name, fmt in (('a.bmp', 'BMP'), ('b.WEBP', 'WEBP')):
+    with open(os.path.join(cat, name), 'wb') as f:
+      f.write(_image_bytes(fmt))
+  data = ip.create_data(folder_config)
+  names = {os.path.basename(p) for p in data.train_source.paths}
+  assert {'a.bmp', 'b.WEBP'} <= names and data.info.num_train == 32
+
+
+def test_files_skipped_for_extension_or_depth_are_counted_in_one_warning(folder_config, caplog):
+  root = folder_config.dataset.data_dir
+  extra = ['train/cat/anim.gif', 'train/cat/notes.txt', 'train/dog/scan.tiff',
+           'train/stray.jpg', 'train/frog/more/0000.jpg', 'train/frog/more/deep/1.png']
+  for rel in extra:
+    os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
+    with open(os.path.join(root, rel), 'wb') as f:
+      f.write(_image_bytes('PNG'))
+  with open(os.path.join(root, 'train', 'cat', '.DS_Store'), 'wb') as f:
+    f.write(b'hidden files are not images and not worth a word')
+  folder_config.dataset.train_split = 'train[:50%]'     # Two slices of one folder split:
+  folder_config.dataset.eval_split = 'train[50%:]'      # still one warning.
+  with caplog.at_level(logging.WARNING):
+    data = ip.create_data(folder_config)
+  warnings = [r.getMessage() for r in caplog.records if 'ignored' in r.getMessage()]
+  assert len(warnings) == 1, warnings
+  assert 'ignored 6 files' in warnings[0]
+  assert '3 for their extension (1 .gif, 1 .tiff, 1 .txt' in warnings[0]
+  assert '3 for their depth' in warnings[0]
+  assert data.info.num_train + data.info.num_eval == 30    # None of them was used.
+  # Two split folders: still one warning, counting the files of both.
+  with open(os.path.join(root, 'test', 'README'), 'w') as f:
+    f.write('a file directly in a split folder')
+  folder_config.dataset.train_split, folder_config.dataset.eval_split = 'train', 'test'
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    ip.create_data(folder_config)
+  warnings = [r.getMessage() for r in caplog.records if 'ignored' in r.getMessage()]
+  assert len(warnings) == 1 and 'ignored 7 files' in warnings[0], warnings
+  assert '4 for their depth' in warnings[0]
+
+
+def test_a_single_class_is_an_error(tmp_path, folder_config):
+  folder_config.dataset.classes = 'cat'
+  with pytest.raises(UserError, match='config.dataset.classes: .*only 1 class'):
+    ip.create_data(folder_config)
+  root = write_image_folder(str(tmp_path / 'one'), classes=('cat',))
+  c = tiny_config(**{'dataset.name': 'image_folder', 'dataset.data_dir': root,
+                     'dataset.eval_split': 'test'})
+  with pytest.raises(UserError, match='config.dataset.data_dir: .*only 1 class'):
+    ip.create_data(c)
+
+
+@pytest.mark.parametrize('train_split,eval_split,shared', [
+    ('train[:60%]', 'train[50%:]', 3),     # One image per class in both.
+    ('train', 'train', 30),
+    ('train[:60%]', 'train[60%:]', 0),
+    ('train', 'test', 0),
+])
+def test_overlapping_train_and_eval_slices_warn(folder_config, caplog, train_split, eval_split,
+                                                shared):
+  folder_config.dataset.train_split = train_split
+  folder_config.dataset.eval_split = eval_split
+  with caplog.at_level(logging.WARNING):
+    data = ip.create_data(folder_config)
+  assert len(set(data.train_source.paths) & set(data.eval_source.paths)) == shared
+  warnings = [r.getMessage() for r in caplog.records if 'also training' in r.getMessage()]
+  if shared:
+    assert len(warnings) == 1 and f'{shared} of the {data.info.num_eval} eval' in warnings[0]
+    assert train_split in warnings[0] and eval_split in warnings[0]
+  else:
+    assert not warnings

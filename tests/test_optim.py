@@ -1,5 +1,7 @@
 """Schedules, the weight-decay mask, and the parameter spec's partition."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +36,39 @@ def test_piecewise_decays_at_fractions_of_the_run():
                              'schedule.decay_factor': 0.1})
   # Boundaries at steps 55 and 82 of 110 (fractions of the whole run, warmup included).
   np.testing.assert_allclose([s(54), s(55), s(81), s(83)], [1.0, 0.1, 0.1, 0.01], atol=1e-6)
+
+
+def test_piecewise_boundaries_inside_the_warmup_compound():
+  # 1000 steps, 700 of warmup, boundaries at steps 300, 600 and 900: each one
+  # multiplies the rate by 0.1 at its step, inside the warmup ramp or after it.
+  c = tiny_config(**{'schedule.name': 'piecewise', 'optimizer.learning_rate': 1.0,
+                     'schedule.warmup_steps': 700, 'schedule.boundaries': (0.3, 0.6, 0.9),
+                     'schedule.decay_factor': 0.1})
+  s = optim.make_schedule(c, 1000)
+  steps = [0, 299, 300, 599, 600, 699, 700, 899, 900, 999]
+  expected = [0.0, 299 / 700, 300 / 700 * 0.1, 599 / 700 * 0.1, 600 / 700 * 0.01,
+              699 / 700 * 0.01, 0.01, 0.01, 0.001, 0.001]
+  np.testing.assert_allclose([float(s(t)) for t in steps], expected, rtol=1e-5, atol=1e-9)
+
+
+def test_piecewise_boundaries_on_one_step_compound():
+  s = _sched('piecewise', **{'schedule.boundaries': (0.5, 0.5), 'schedule.decay_factor': 0.5})
+  np.testing.assert_allclose([s(54), s(55), s(109)], [1.0, 0.25, 0.25], atol=1e-7)
+
+
+def test_warmup_longer_than_the_run_warns_with_both_numbers(caplog):
+  c = tiny_config(**{'schedule.name': 'cosine', 'optimizer.learning_rate': 1.0,
+                     'schedule.warmup_steps': 70})
+  with caplog.at_level(logging.WARNING):
+    s = optim.make_schedule(c, 50)
+  messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(messages) == 1 and 'warmup_steps: 70' in messages[0], messages
+  assert '(50 steps)' in messages[0]
+  np.testing.assert_allclose([s(25), s(49)], [0.5, 0.98], atol=1e-6)  # Clipped to 50 steps.
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    optim.make_schedule(c, 70)                 # As long as the run: nothing to say.
+  assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def test_unknown_schedule_and_bad_boundaries():
@@ -149,5 +184,13 @@ def test_adamw_decays_only_masked_leaves():
 def test_label_smoothing_cross_entropy():
   logits = jnp.zeros((1, 4))
   np.testing.assert_allclose(optim.cross_entropy(logits, jnp.array([1]), 4), np.log(4), rtol=1e-6)
-  sharp = jnp.array([[10.0, 0, 0, 0]])
-  assert optim.cross_entropy(sharp, jnp.array([0]), 4, 0.1) > optim.cross_entropy(sharp, jnp.array([0]), 4)
+  # By hand: smoothed targets are (1 - eps) * one_hot + eps / K, here 0.925 for the
+  # label and 0.025 for the others, and the loss is -sum(t * log_softmax(z)).
+  z = np.array([10.0, 2.0, 0.0, -1.0])
+  log_softmax = z - np.log(np.exp(z).sum())
+  for label in (0, 2):
+    targets = np.full(4, 0.1 / 4)
+    targets[label] += 0.9
+    expected = -(targets * log_softmax).sum()
+    got = optim.cross_entropy(jnp.asarray(z[None]), jnp.array([label]), 4, 0.1)
+    np.testing.assert_allclose(got, [expected], rtol=1e-6)
