@@ -145,7 +145,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= float(config.get('label_smoothing', 0.0)) < 1.0:
     raise UserError(f'config.label_smoothing: must be in [0, 1), got {config.label_smoothing}')
   models.create_model(config.model, num_classes=1)
-  optim.make_schedule(config, total_steps=1)
+  optim.check_schedule(config)
   optim.check_optimizer(config)
 
 
