@@ -33,10 +33,14 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
                     ) -> Callable[..., tuple[State, dict[str, jax.Array]]]:
   """One step body for jit and pmap; only `axis_name` differs between them.
 
-  With `grad_accum_steps` = k the batch is cut into k micro-batches whose
-  gradients are averaged before one update: the same update as the full batch,
-  except that BatchNorm normalises each micro-batch with its own statistics and
-  updates its running averages k times (as k small steps would).
+  With `grad_accum_steps` = k the batch is cut into k strided micro-batches
+  (micro-batch i holds examples i, i+k, i+2k, ... of the batch) whose gradients
+  are averaged before one update: the same update as the full batch, except
+  that BatchNorm normalises each micro-batch with its own statistics and updates
+  its running averages k times (as k small steps would). Strided, because then
+  every device's contiguous shard of the batch splits locally: each device
+  convolves B/(D*k) examples per micro-batch and no images move between devices,
+  and the micro-batches are the same sets under jit and pmap on any device count.
   """
   base_rng = jax.random.key(0) if base_rng is None else base_rng
 
@@ -59,7 +63,9 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
                                                   images, labels, rng)
     else:
       k = grad_accum_steps
-      micro = lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:])
+
+      def micro(x):  # (B, ...) -> (k, B/k, ...): micro-batch i is x[i::k].
+        return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
 
       def body(carry, xs):
         bs, gsum, lsum, asum = carry
