@@ -3,8 +3,9 @@
 * `jit`: a 1-D mesh over all devices; the batch is sharded on its leading axis
   and the state replicated. XLA inserts the cross-device reductions, so BatchNorm
   statistics are already global and its `axis_name` must be None.
-* `pmap`: each device holds a replica; the step body averages gradients, metrics
-  and BatchNorm statistics over `axis_name` explicitly.
+* `pmap`: each device holds a replica; the step body averages gradients and
+  metrics over `axis_name` explicitly, and BatchNorm (given the same axis_name)
+  averages its own statistics, so they are never averaged a second time.
 
 Multi-host: each process feeds its local slice of the global batch; `jit` builds
 global arrays from the local pieces.

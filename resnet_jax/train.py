@@ -80,8 +80,9 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
       grads = jax.tree.map(lambda g: g / k, gsum)
       loss, acc = lsum / k, asum / k
     if axis_name is not None:
+      # BatchNorm was given the same axis_name and already averaged its statistics;
+      # averaging them again is not exact on 3 or 6 devices and would move frozen ones.
       grads = jax.lax.pmean(grads, axis_name)
-      batch_stats = jax.lax.pmean(batch_stats, axis_name)
       loss, acc = jax.lax.pmean((loss, acc), axis_name)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
