@@ -95,6 +95,17 @@ def test_sharded_batch_lives_on_all_devices():
   assert batch['x'].addressable_shards[0].data.shape == (2,)
 
 
+def test_pmap_put_batch_puts_one_slice_on_each_device():
+  """So prefetch_to_device has the next batch on the devices while a step runs."""
+  par = parallel.Parallel('pmap', jax.devices()[:4])
+  batch = par.put_batch({'x': np.arange(8, dtype=np.float32)})
+  assert isinstance(batch['x'], jax.Array)
+  assert batch['x'].sharding.device_set == set(jax.devices()[:4])
+  shards = sorted(batch['x'].addressable_shards, key=lambda s: s.index[0].start)
+  assert [s.device for s in shards] == jax.devices()[:4]
+  np.testing.assert_array_equal(np.asarray(shards[1].data), [[2.0, 3.0]])
+
+
 def test_gradient_accumulation_gives_the_large_batch_update_on_one_and_four_devices():
   """With BatchNorm on running averages (so no batch dependence), 4 micro-batches of 4
   give the same update as one batch of 16, under jit on 1 and 4 devices and pmap on 4."""
@@ -181,3 +192,25 @@ def test_frozen_batchnorm_statistics_stay_bit_identical_under_pmap(num_devices):
       else:
         moved += not np.array_equal(np.asarray(after[path]), np.asarray(x))
   assert moved > 0   # The rest trained.
+
+
+def test_pmap_gets_the_same_global_device_list_on_every_process(monkeypatch):
+  """pmap's mesh must be identical everywhere; a per-process list of local devices
+  made each process average over its own devices only."""
+  seen = []
+  monkeypatch.setattr(jax, 'pmap', lambda fn, **kw: seen.append(kw['devices']) or fn)
+  for process in (0, 1):
+    monkeypatch.setattr(jax, 'process_index', lambda p=process: p)
+    parallel.Parallel('pmap', jax.devices()[:4]).compile(lambda s, b, axis_name=None: s)
+  assert seen[0] == seen[1] == tuple(jax.devices()[:4])
+
+
+def test_pmap_device_order_groups_each_process_and_needs_equal_counts(monkeypatch):
+  dev = lambda i, p: types.SimpleNamespace(id=i, process_index=p)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  order = parallel.pmap_device_order([dev(0, 0), dev(1, 1), dev(2, 0), dev(3, 1)])
+  assert [d.id for d in order] == [0, 2, 1, 3]
+  with pytest.raises(UserError, match='config.parallelism: .*same number of devices'):
+    parallel.pmap_device_order([dev(0, 0), dev(1, 0), dev(2, 1)])
+  with pytest.raises(UserError, match='config.parallelism'):
+    parallel.pmap_device_order([dev(0, 0), dev(1, 0)])   # Process 1 holds none.
