@@ -59,13 +59,15 @@ class JaxBench:
     import jax.numpy as jnp
     import numpy as np
 
-    from resnet_jax import train
+    from resnet_jax import optim, train
     self.jax = jax
     setup = train.Setup(config, num_classes, 50_000, int(config.dataset.image_size))
     self.setup = setup
     state = setup.make_state(setup.fresh_variables)
-    step = train.make_train_step(setup.model, setup.tx, setup.schedule, num_classes,
-                                 grad_accum_steps=int(config.get('grad_accum_steps', 1)))
+    step = train.make_train_step(
+        setup.model, setup.tx, setup.schedule, num_classes,
+        grad_accum_steps=int(config.get('grad_accum_steps', 1)),
+        trainable=optim.trainable_mask(setup.spec, setup.fresh_variables['params']))
     rng = np.random.default_rng(0)
     size = int(config.dataset.image_size)
     b = int(config.batch_size)
