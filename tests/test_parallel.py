@@ -1,7 +1,11 @@
 """jit over 1 and 4 devices and pmap over 3 and 4 give the same training result;
 gradient accumulation keeps the data parallelism; pmap's device list and inputs."""
 
+import os
 import re
+import socket
+import subprocess
+import sys
 import types
 
 import jax
@@ -12,7 +16,7 @@ import pytest
 
 from resnet_jax import models, optim, parallel, train
 from resnet_jax.errors import UserError
-from tests.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason='needs 4 (virtual) devices')
 
@@ -203,6 +207,46 @@ def test_pmap_gets_the_same_global_device_list_on_every_process(monkeypatch):
     monkeypatch.setattr(jax, 'process_index', lambda p=process: p)
     parallel.Parallel('pmap', jax.devices()[:4]).compile(lambda s, b, axis_name=None: s)
   assert seen[0] == seen[1] == tuple(jax.devices()[:4])
+
+
+_TWO_PROCESS_SCRIPT = """
+import os, sys
+sys.path.insert(0, sys.argv[3])
+import jax
+import numpy as np
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(f'localhost:{sys.argv[2]}', num_processes=2, process_id=int(sys.argv[1]))
+from resnet_jax import parallel
+
+def step(state, batch, axis_name=None):
+  total = jax.lax.psum(batch['x'].sum(), axis_name)
+  return state + total, {'devices': jax.lax.psum(1, axis_name)}
+
+par = parallel.Parallel('pmap')
+state = par.put_state(np.float32(0))
+local = np.arange(8, dtype=np.float32)[4 * jax.process_index():4 * (jax.process_index() + 1)]
+state, metrics = par.compile(step)(state, par.put_batch({'x': local}))
+print('RESULT', int(par.get_metrics(metrics)['devices']), float(par.get_state(state)))
+"""
+
+
+def test_pmap_over_two_processes_reduces_over_all_their_devices():
+  """Two real processes with two CPU devices each: every collective spans all four."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  procs = [subprocess.Popen([sys.executable, '-c', _TWO_PROCESS_SCRIPT, str(i), str(port), REPO],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=120) for p in procs]
+  finally:
+    for p in procs:   # One that failed leaves the other waiting for it.
+      p.kill()
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-2000:]
+    assert out.split()[-3:] == ['RESULT', '4', '28.0']   # sum(range(8)) over 4 devices.
 
 
 def test_pmap_device_order_groups_each_process_and_needs_equal_counts(monkeypatch):
