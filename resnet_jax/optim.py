@@ -281,8 +281,34 @@ def make_optimizer(config: Any, spec: ParamSpec, params: Any,
   tx = optax.partition(transforms, spec.label_tree(params))
   clip = float(config.optimizer.get('grad_clip_norm', 0.0))
   if clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+    tx = optax.chain(_clip_trainable_by_global_norm(clip, trainable_mask(spec, params)), tx)
   return tx
+
+
+def trainable_mask(spec: ParamSpec, params: Any) -> Any:
+  """A tree like `params`: True where the parameter trains, False where frozen."""
+  return jax.tree.map(lambda label: label != FROZEN, spec.label_tree(params))
+
+
+def zero_frozen(grads: Any, trainable: Any) -> Any:
+  """`grads` with the frozen leaves (False in `trainable`) set to zero."""
+  return jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
+
+
+def _clip_trainable_by_global_norm(max_norm: float,
+                                   trainable: Any) -> optax.GradientTransformation:
+  """clip_by_global_norm over the trainable gradients only.
+
+  A frozen part that is not a prefix (BatchNorm-only freezing, say) still gets
+  gradients; left in, they would count in the norm and clip tighter than asked.
+  The state is clip_by_global_norm's own, so checkpoints keep their layout.
+  """
+  clip = optax.clip_by_global_norm(max_norm)
+
+  def update(updates, state, params=None):
+    return clip.update(zero_frozen(updates, trainable), state, params)
+
+  return optax.GradientTransformation(clip.init, update)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
@@ -305,5 +331,5 @@ def total_steps_from_config(config: Any, num_train_examples: int) -> int:
 
 
 __all__ = ['ParamSpec', 'build_param_spec', 'check_optimizer', 'make_optimizer', 'make_schedule',
-           'check_schedule',
-           'cross_entropy', 'total_steps_from_config', 'path_str', 'flat_paths', 'FROZEN']
+           'check_schedule', 'cross_entropy', 'total_steps_from_config', 'path_str', 'flat_paths', 'FROZEN',
+           'trainable_mask', 'zero_frozen']

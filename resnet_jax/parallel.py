@@ -3,15 +3,19 @@
 * `jit`: a 1-D mesh over all devices; the batch is sharded on its leading axis
   and the state replicated. XLA inserts the cross-device reductions, so BatchNorm
   statistics are already global and its `axis_name` must be None.
-* `pmap`: each device holds a replica; the step body averages gradients, metrics
-  and BatchNorm statistics over `axis_name` explicitly.
+* `pmap`: each device holds a replica; the step body averages gradients and
+  metrics over `axis_name` explicitly, and BatchNorm (given the same axis_name)
+  averages its own statistics, so they are never averaged a second time.
 
-Multi-host: each process feeds its local slice of the global batch; `jit` builds
-global arrays from the local pieces.
+Multi-host: each process feeds its local slice of the global batch. `jit` builds
+global arrays from the local pieces; `pmap` is given the same global device list
+on every process (each process's devices contiguous, as its mesh needs) and
+turns each process's (local devices, ...) arrays into global ones itself.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any, Callable
 
@@ -25,6 +29,21 @@ PMAP_AXIS = 'batch'
 MODES = ('jit', 'pmap')
 
 
+def pmap_device_order(devices: list[Any]) -> list[Any]:
+  """The devices grouped by process (stable); every process must hold as many.
+
+  pmap needs the same device list on every process, with each process's devices
+  contiguous (its host-local inputs are one block of the global mesh), and
+  splits the mapped axis evenly over the processes.
+  """
+  counts = collections.Counter(d.process_index for d in devices)
+  if len(counts) != jax.process_count() or len(set(counts.values())) > 1:
+    raise UserError('config.parallelism: pmap needs the same number of devices on each of '
+                    f'the {jax.process_count()} processes, got {dict(sorted(counts.items()))} '
+                    '(process: devices)')
+  return sorted(devices, key=lambda d: d.process_index)
+
+
 class Parallel:
   """How arrays are placed and steps compiled for one parallelism mode."""
 
@@ -33,10 +52,15 @@ class Parallel:
       raise UserError(f'config.parallelism: unknown mode {mode!r}; choose jit or pmap')
     self.mode = mode
     self.devices = list(devices) if devices is not None else jax.devices()
+    if mode == 'pmap':
+      self.devices = pmap_device_order(self.devices)
     self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
     self.mesh = Mesh(np.asarray(self.devices), ('data',))
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P('data'))
+    # pmap's per-process view: one slice per local device along a leading axis.
+    self.stacked = (NamedSharding(Mesh(np.asarray(self.local_devices), ('replica',)), P('replica'))
+                    if mode == 'pmap' and self.local_devices else None)
 
   @property
   def bn_axis_name(self) -> str | None:
@@ -56,9 +80,9 @@ class Parallel:
       return jax.device_put(state, self.replicated)
     # pmap: one copy per local device along a new leading axis.
     d = len(self.local_devices)
-    stacked = NamedSharding(Mesh(np.asarray(self.local_devices), ('replica',)), P('replica'))
     return jax.tree.map(
-        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (d,) + np.shape(x)), stacked),
+        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (d,) + np.shape(x)),
+                                 self.stacked),
         state)
 
   def get_state(self, state: Any) -> Any:
@@ -71,16 +95,20 @@ class Parallel:
     if self.mode == 'jit':
       return jax.tree.map(
           lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), batch)
+    # On the devices now, so that prefetch_to_device overlaps the transfer with a step.
     d = len(self.local_devices)
-    return jax.tree.map(lambda x: x.reshape((d, -1) + x.shape[1:]), batch)
+    return jax.tree.map(
+        lambda x: jax.device_put(np.reshape(x, (d, -1) + np.shape(x)[1:]), self.stacked), batch)
 
   def compile(self, fn: Callable[..., Any], donate_state: bool = True) -> Callable[..., Any]:
     """Wraps fn(state, batch) -> (state_or_metrics, ...) for this mode."""
     donate = (0,) if donate_state else ()
     if self.mode == 'jit':
       return jax.jit(fn, donate_argnums=donate)
+    # The global list, identical on every process: pmap's mesh spans all of them and
+    # its collectives (gradient and BatchNorm averages) run over every device.
     return jax.pmap(functools.partial(fn, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS,
-                    donate_argnums=donate, devices=self.local_devices)
+                    donate_argnums=donate, devices=tuple(self.devices))
 
   def get_metrics(self, metrics: Any) -> Any:
     """Host values of metrics that are identical on every replica."""

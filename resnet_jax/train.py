@@ -29,14 +29,21 @@ State = dict[str, Any]  # {'step', 'params', 'batch_stats', 'opt_state'}
 
 def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, num_classes: int, label_smoothing: float = 0.0,
-                    grad_accum_steps: int = 1, base_rng: jax.Array | None = None
-                    ) -> Callable[..., tuple[State, dict[str, jax.Array]]]:
+                    grad_accum_steps: int = 1, base_rng: jax.Array | None = None,
+                    trainable: Any = None) -> Callable[..., tuple[State, dict[str, jax.Array]]]:
   """One step body for jit and pmap; only `axis_name` differs between them.
 
-  With `grad_accum_steps` = k the batch is cut into k micro-batches whose
-  gradients are averaged before one update: the same update as the full batch,
-  except that BatchNorm normalises each micro-batch with its own statistics and
-  updates its running averages k times (as k small steps would).
+  With `grad_accum_steps` = k the batch is cut into k strided micro-batches
+  (micro-batch i holds examples i, i+k, i+2k, ... of the batch) whose gradients
+  are averaged before one update: the same update as the full batch, except
+  that BatchNorm normalises each micro-batch with its own statistics and updates
+  its running averages k times (as k small steps would). Strided, because then
+  every device's contiguous shard of the batch splits locally: each device
+  convolves B/(D*k) examples per micro-batch and no images move between devices,
+  and the micro-batches are the same sets under jit and pmap on any device count.
+
+  `trainable` (a tree of bools like the params, `optim.trainable_mask`) zeroes
+  the gradients of frozen parameters, so `grad_norm` counts only what trains.
   """
   base_rng = jax.random.key(0) if base_rng is None else base_rng
 
@@ -59,7 +66,9 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
                                                   images, labels, rng)
     else:
       k = grad_accum_steps
-      micro = lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:])
+
+      def micro(x):  # (B, ...) -> (k, B/k, ...): micro-batch i is x[i::k].
+        return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
 
       def body(carry, xs):
         bs, gsum, lsum, asum = carry
@@ -73,9 +82,12 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
           (micro(images), micro(labels), jnp.arange(k)))
       grads = jax.tree.map(lambda g: g / k, gsum)
       loss, acc = lsum / k, asum / k
+    if trainable is not None:
+      grads = optim.zero_frozen(grads, trainable)
     if axis_name is not None:
+      # BatchNorm was given the same axis_name and already averaged its statistics;
+      # averaging them again is not exact on 3 or 6 devices and would move frozen ones.
       grads = jax.lax.pmean(grads, axis_name)
-      batch_stats = jax.lax.pmean(batch_stats, axis_name)
       loss, acc = jax.lax.pmean((loss, acc), axis_name)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
@@ -196,7 +208,8 @@ class Setup:
     train_step = make_train_step(
         self.model, self.tx, self.schedule, self.num_classes,
         float(self.config.get('label_smoothing', 0.0)),
-        int(self.config.get('grad_accum_steps', 1)), self.dropout_rng)
+        int(self.config.get('grad_accum_steps', 1)), self.dropout_rng,
+        trainable=optim.trainable_mask(self.spec, self.fresh_variables['params']))
     eval_step = make_eval_step(self.eval_model, self.num_classes)
     return self.par.compile(train_step), self.par.compile(eval_step, donate_state=False)
 

@@ -51,6 +51,24 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
   return None
 
 
+def global_flops(compiled, num_devices: int, grad_accum_steps: int = 1) -> float | None:
+  """FLOPs of one step over the whole global batch, from XLA's cost analysis.
+
+  The analysis describes the program one device runs: under SPMD each device
+  convolves 1/D of the batch, so the step's work is D times that (the small
+  replicated part, the optimizer update, is then counted D times). It also
+  counts a loop body once, and gradient accumulation runs the forward and
+  backward passes as a k-step `lax.scan`, so those are k times what it says.
+  """
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  per_device = float((cost or {}).get('flops', 0.0))
+  return per_device * num_devices * grad_accum_steps if per_device > 0 else None
+
+
 class JaxBench:
   """The project's own train step, state and optimizer on a fixed synthetic batch."""
 
@@ -59,13 +77,15 @@ class JaxBench:
     import jax.numpy as jnp
     import numpy as np
 
-    from resnet_jax import train
+    from resnet_jax import optim, train
     self.jax = jax
     setup = train.Setup(config, num_classes, 50_000, int(config.dataset.image_size))
     self.setup = setup
     state = setup.make_state(setup.fresh_variables)
-    step = train.make_train_step(setup.model, setup.tx, setup.schedule, num_classes,
-                                 grad_accum_steps=int(config.get('grad_accum_steps', 1)))
+    step = train.make_train_step(
+        setup.model, setup.tx, setup.schedule, num_classes,
+        grad_accum_steps=int(config.get('grad_accum_steps', 1)),
+        trainable=optim.trainable_mask(setup.spec, setup.fresh_variables['params']))
     rng = np.random.default_rng(0)
     size = int(config.dataset.image_size)
     b = int(config.batch_size)
@@ -80,12 +100,8 @@ class JaxBench:
     if par.mode == 'jit':
       compiled = jax.jit(step, donate_argnums=0).lower(self.state, self.batch).compile()
       self.compile_time = time.perf_counter() - t0
-      try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        self.flops = float(cost.get('flops', 0.0)) or None
-      except Exception:  # pylint: disable=broad-except
-        self.flops = None
+      self.flops = global_flops(compiled, len(par.devices),
+                                int(config.get('grad_accum_steps', 1)))
       self.step = compiled
     else:
       self.step = par.compile(step)

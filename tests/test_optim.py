@@ -194,3 +194,58 @@ def test_label_smoothing_cross_entropy():
     expected = -(targets * log_softmax).sum()
     got = optim.cross_entropy(jnp.asarray(z[None]), jnp.array([label]), 4, 0.1)
     np.testing.assert_allclose(got, [expected], rtol=1e-6)
+
+
+# Freezing only the BatchNorm layers: frozen parameters that are not a prefix, so their
+# gradients are not zero and must be kept out of clipping and the reported norm.
+_BN_ONLY = {'finetune.freeze': r'(^|/)(proj_)?bn\d*/', 'optimizer.grad_clip_norm': 0.5,
+            'optimizer.momentum': 0.0, 'optimizer.nesterov': False,
+            'optimizer.weight_decay': 0.0, 'schedule.name': 'constant',
+            'schedule.warmup_steps': 0}
+
+
+def test_clipping_counts_only_trainable_gradients():
+  params = _params()
+  c = tiny_config(**_BN_ONLY)
+  spec = optim.build_param_spec(c, params)
+  assert 'stem/bn/scale' in spec.frozen_paths() and spec.stop_gradient_after is None
+  tx = optim.make_optimizer(c, spec, params, optax.constant_schedule(1.0))
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  trainable = sum(x.size for p, x in optim.flat_paths(params).items()
+                  if spec.labels[p] != optim.FROZEN)
+  for p, u in optim.flat_paths(updates).items():
+    expected = 0.0 if spec.labels[p] == optim.FROZEN else -0.5 / np.sqrt(trainable)
+    np.testing.assert_allclose(u, expected, rtol=1e-6, err_msg=p)
+
+
+def test_train_step_clips_and_reports_the_norm_of_trainable_gradients():
+  """One step of the product's own step (train.Setup, jit on 4 devices) against a hand
+  computation over the trainable gradients only."""
+  from resnet_jax import train  # pylint: disable=import-outside-toplevel
+  c = tiny_config(**_BN_ONLY)
+  setup = train.Setup(c, 10, 100, 8)
+  state = setup.make_state(setup.fresh_variables)
+  train_step, _ = setup.steps()
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.normal(size=(8, 8, 8, 3)).astype(np.float32),
+           'label': rng.integers(0, 10, 8).astype(np.int32)}
+
+  def loss_fn(params):
+    logits, _ = setup.model.apply({'params': params, 'batch_stats': state['batch_stats']},
+                                  batch['image'], train=True, mutable=['batch_stats'])
+    return optim.cross_entropy(logits, batch['label'], 10).mean()
+
+  grads = optim.flat_paths(jax.jit(jax.grad(loss_fn))(state['params']))
+  frozen = set(setup.spec.frozen_paths())
+  assert any(np.abs(grads[p]).max() > 0 for p in frozen)  # Frozen, yet with gradients.
+  norm = np.sqrt(sum(np.sum(np.square(g)) for p, g in grads.items() if p not in frozen))
+  assert norm > 0.5   # So the clipping acts.
+  new, metrics = train_step(setup.par.put_state(state), setup.par.put_batch(batch))
+  np.testing.assert_allclose(float(setup.par.get_metrics(metrics)['grad_norm']), norm,
+                             rtol=1e-4)
+  before = optim.flat_paths(state['params'])
+  after = optim.flat_paths(setup.par.get_state(new)['params'])
+  lr = float(c.optimizer.learning_rate)
+  for p, g in grads.items():
+    expected = before[p] if p in frozen else before[p] - lr * g * 0.5 / norm
+    np.testing.assert_allclose(after[p], expected, rtol=1e-4, atol=1e-6, err_msg=p)

@@ -13,10 +13,15 @@ from resnet_jax.errors import UserError
 from tests.conftest import REPO
 
 
-def test_benchmark_prints_json_without_importing_tensorflow():
+_BENCH_FLAGS = ['--config.model.width_multiplier=0.25', '--config.dataset.image_size=8',
+                '--config.batch_size=128']
+
+
+@pytest.fixture(scope='module')
+def one_device_benchmark():
+  """The script's own run on one device: (its JSON line, whether TensorFlow was loaded)."""
   code = ('import sys, runpy; sys.argv = ["benchmark.py", "--config=configs/mnist.py", '
-          '"--config.model.width_multiplier=0.25", "--config.dataset.image_size=8", '
-          '"--config.batch_size=8", "--steps=1", "--rounds=1"]\n'
+          + ''.join(f'"{f}", ' for f in _BENCH_FLAGS) + '"--steps=1", "--rounds=1"]\n'
           'try:\n  runpy.run_path("scripts/benchmark.py", run_name="__main__")\n'
           'except SystemExit:\n  pass\n'
           'print("TF_LOADED", any(m.startswith("tensorflow") for m in sys.modules))')
@@ -24,13 +29,32 @@ def test_benchmark_prints_json_without_importing_tensorflow():
                         timeout=300, env=dict(os.environ, XLA_FLAGS=''))
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = proc.stdout.strip().splitlines()
-  assert lines[-1] == 'TF_LOADED False'
-  result = json.loads(lines[-2])
+  return json.loads(lines[-2]), lines[-1]
+
+
+def test_benchmark_prints_json_without_importing_tensorflow(one_device_benchmark):
+  result, tf_loaded = one_device_benchmark
+  assert tf_loaded == 'TF_LOADED False'
   for key in ('images_per_sec', 'step_time_ms', 'compile_time_s', 'num_devices', 'device_kind',
               'flops_per_image', 'mfu'):
     assert key in result
   assert result['num_devices'] == 1 and result['images_per_sec'] > 0
   assert result['flops_per_image'] > 1e5   # ResNet-20/4 at 8px: a few MFLOP per image.
+
+
+def test_benchmark_counts_the_flops_of_all_devices(one_device_benchmark):
+  """XLA's cost analysis describes one device's program (and a scan body once): over 4
+  devices with 2 accumulation steps the global figure per image is still the same."""
+  sys.path.insert(0, os.path.join(REPO, 'scripts'))
+  import benchmark  # pylint: disable=import-outside-toplevel
+  from configs import mnist  # pylint: disable=import-outside-toplevel
+  config = mnist.get_config()   # As _BENCH_FLAGS set it, plus accumulation.
+  config.model.width_multiplier, config.dataset.image_size, config.batch_size = 0.25, 8, 128
+  config.grad_accum_steps = 2
+  four = benchmark.benchmark(config, steps=1, rounds=1, num_classes=10, compare_torch=False)
+  assert four['num_devices'] == 4
+  one = one_device_benchmark[0]['flops_per_image']
+  assert four['flops_per_image'] == pytest.approx(one, rel=0.05)
 
 
 def test_predict_prints_top_k_with_class_names(folder_config, tmp_path, caplog):
