@@ -170,7 +170,7 @@ def test_eval_mode_takes_the_workdirs_config_and_overrides_on_top(trained_workdi
 
 def test_eval_mode_on_a_read_only_workdir(trained_workdir, tmp_path):
   """chmod a-w does not stop root: then the digest shows that nothing was written."""
-  _, trained = trained_workdir
+  images, trained = trained_workdir
   workdir = str(tmp_path / 'ro')
   shutil.copytree(trained, workdir)
   for root, dirs, files in os.walk(workdir):
@@ -179,7 +179,8 @@ def test_eval_mode_on_a_read_only_workdir(trained_workdir, tmp_path):
       os.chmod(path, os.stat(path).st_mode & ~0o222)
   before = digest(workdir)
   try:
-    proc = run_main(f'--workdir={workdir}', '--mode=eval', '--checkpoint=best')
+    proc = run_main('--config=configs/default.py', f'--workdir={workdir}', *FOLDER_ARGS,
+                    f'--config.dataset.data_dir={images}', '--mode=eval', '--checkpoint=best')
   finally:
     subprocess.run(['chmod', '-R', 'u+w', workdir], check=True)
   assert proc.returncode == 0, proc.stderr[-3000:]

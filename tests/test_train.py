@@ -130,12 +130,12 @@ def test_corrupt_newest_checkpoint_falls_back_then_retrains_and_saves_it(folder_
   with caplog.at_level(logging.WARNING):
     results = train.train_and_evaluate(folder_config, workdir)  # Retrains steps 3 and 4.
   assert results['step'] == 4
-  assert any('[4]' in r.getMessage() and 'unreadable_checkpoints' in r.getMessage()
-             for r in caplog.records)
-  assert checkpointing.Checkpointer(workdir, read_only=True).steps() == [2, 4]
   retrained = _params(workdir, 4)
   assert int(retrained['step']) == 4
   _assert_trees_equal(uninterrupted, retrained)
+  assert checkpointing.Checkpointer(workdir, read_only=True).steps() == [2, 4]
+  assert any('[4]' in r.getMessage() and 'unreadable_checkpoints' in r.getMessage()
+             for r in caplog.records)
   assert train.evaluate_checkpoint(folder_config, workdir, 'latest')['step'] == 4
 
 
