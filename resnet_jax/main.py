@@ -71,6 +71,8 @@ def main(argv: list[str]) -> None:
     _fail(f'cannot load --config: {lines[-1] if lines else type(e).__name__}')
   if not FLAGS.workdir:
     _fail('--workdir is required')
+  if FLAGS.report_dir and FLAGS.mode != 'eval':
+    _fail('--report_dir: only --mode=eval writes its reports elsewhere')
   from resnet_jax import train  # After flag parsing: importing JAX takes a while.
   root = logging.getLogger()
   root.setLevel(logging.INFO)

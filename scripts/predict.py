@@ -120,8 +120,17 @@ def main(argv):
 
 
 def parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing with the workdir's config.json as --config; bad flags are one line."""
   from resnet_jax import saved_config
-  return FLAGS(saved_config.with_saved_config(argv, always=True))
+  try:
+    remaining = FLAGS(saved_config.with_saved_config(argv, always=True))
+    if FLAGS.config is not None:
+      FLAGS.config.keys()  # A config file that failed to load raises on first use.
+    return remaining
+  except Exception as e:  # pylint: disable=broad-except
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    print(f'error: {lines[-1] if lines else type(e).__name__}', file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == '__main__':
