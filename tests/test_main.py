@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from resnet_jax import train
+from resnet_jax import saved_config, train
+from resnet_jax.errors import UserError
 from tests.conftest import REPO, tiny_config
 
 FOLDER_ARGS = ['--config.model.name=resnet20', '--config.model.width_multiplier=0.25',
@@ -144,13 +145,13 @@ def test_eval_best_scores_the_best_step_not_the_newest(image_folder, tmp_path, m
 
   monkeypatch.setattr(train, 'evaluate', fixed_accuracy)
   train.train_and_evaluate(c, workdir)
-  for which, step in (('best', 1), ('latest', 2)):
-    proc = run_main('--config=configs/default.py', f'--workdir={workdir}', *FOLDER_ARGS,
-                    f'--config.dataset.data_dir={image_folder}', '--mode=eval',
-                    f'--checkpoint={which}')
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    saved = json.load(open(os.path.join(workdir, 'eval_results.json')))
-    assert (saved['step'], saved['checkpoint']) == (step, which)
+  monkeypatch.undo()
+  assert train.evaluate_checkpoint(c, workdir, 'latest')['step'] == 2
+  proc = run_main('--config=configs/default.py', f'--workdir={workdir}', *FOLDER_ARGS,
+                  f'--config.dataset.data_dir={image_folder}', '--mode=eval', '--checkpoint=best')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  saved = json.load(open(os.path.join(workdir, 'eval_results.json')))
+  assert (saved['step'], saved['checkpoint']) == (1, 'best')
 
 
 def test_eval_mode_takes_the_workdirs_config_and_overrides_on_top(trained_workdir, tmp_path):
@@ -161,11 +162,13 @@ def test_eval_mode_takes_the_workdirs_config_and_overrides_on_top(trained_workdi
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert json.load(open(os.path.join(reports, 'eval_results.json')))['step'] == 2
   assert digest(workdir) == before
-  for override, field in (('--config.model.width_multiplier=0.5', 'config.model.width_multiplier'),
-                          ('--config.dataset.classes=cat,dog', 'config.dataset.classes')):
-    proc = run_main(f'--workdir={workdir}', '--mode=eval', override)
-    assert_one_line_error(proc, field, 'step 2')
-    assert digest(workdir) == before
+  proc = run_main(f'--workdir={workdir}', '--mode=eval', '--config.model.width_multiplier=0.5')
+  assert_one_line_error(proc, 'config.model.width_multiplier', '0.5', '0.25', 'step 2')
+  config = saved_config.load(workdir)
+  config.dataset.classes = 'cat,dog'
+  with pytest.raises(UserError, match=r'^config.dataset.classes: the data has 2 classes'):
+    train.evaluate_checkpoint(config, workdir)
+  assert digest(workdir) == before
 
 
 def test_eval_mode_on_a_read_only_workdir(trained_workdir, tmp_path):
