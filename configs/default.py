@@ -84,4 +84,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 0         # 0 = at the end only.
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 2
+  # Resume even if seed, batch, length, optimizer, schedule or splits changed (see README).
+  c.allow_resume_changes = False
   return c

@@ -1,5 +1,8 @@
 """Command line: `python -m resnet_jax.main --config=configs/<name>.py --workdir=DIR`.
 
+`--mode=eval` without `--config` uses the workdir's own config.json
+(`--config.x=y` overrides still apply on top).
+
 Bad input of any kind (unknown names, missing paths, wrong types in overrides)
 ends with one line on stderr naming the problem, exit code 2, and no traceback.
 """
@@ -16,6 +19,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app, flags
 from ml_collections import config_flags
 
+from resnet_jax import saved_config
 from resnet_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -24,6 +28,8 @@ config_flags.DEFINE_config_file('config', None, 'Path to an experiment config fi
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and reports.')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (resumes if possible) or eval.')
 flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'], 'Which checkpoint --mode=eval uses.')
+flags.DEFINE_string('report_dir', None, '--mode=eval: write the reports here instead of the '
+                    'workdir (a read-only workdir without it: stdout only).')
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -71,18 +77,25 @@ def _unknown_override(argv: list[str]) -> str | None:
   return None
 
 
+# True when --config named a file; False when eval/predict took the workdir's config.json,
+# which an older version may have written with fields default.py no longer has.
+_CONFIG_FROM_FILE = True
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl parsing, but a bad flag or override is one line, not a usage dump."""
   if any(a in ('--help', '-h', '-?', '--helpshort', '--helpfull') for a in argv[1:]):
     print(__doc__.strip() + '\n\nflags:' + FLAGS.main_module_help())
     sys.exit(0)
   found = _config_file_arg(argv)
+  global _CONFIG_FROM_FILE
+  _CONFIG_FROM_FILE = found is not None
   config_path = None
   if found is not None:
     config_path = resolve_config_path(found[1])
     argv = argv[:found[0]] + [f'--config={config_path}'] + argv[found[0] + 1:]
   try:
-    return FLAGS(argv)
+    return FLAGS(saved_config.with_saved_config(argv))
   except flags.Error as e:
     _fail(str(e).splitlines()[0] if str(e) else 'bad command-line flags')
   except Exception as e:  # pylint: disable=broad-except
@@ -110,7 +123,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if FLAGS.config is None:
-    _fail('--config is required, e.g. --config=configs/cifar10.py')
+    _fail('--config is required, e.g. --config=configs/cifar10.py (--mode=eval can do without '
+          "it when the workdir holds its config.json)")
   try:
     FLAGS.config.keys()  # A config file that failed to load raises on first use.
   except Exception as e:  # pylint: disable=broad-except
@@ -120,9 +134,12 @@ def main(argv: list[str]) -> None:
     _fail('--workdir is required')
   from resnet_jax import config_fields
   try:
-    config_fields.check_known_fields(FLAGS.config, _reference_config())
+    if _CONFIG_FROM_FILE:
+      config_fields.check_known_fields(FLAGS.config, _reference_config())
   except UserError as e:
     _fail(str(e))
+  if FLAGS.report_dir and FLAGS.mode != 'eval':
+    _fail('--report_dir: only --mode=eval writes its reports elsewhere')
   from resnet_jax import train  # After flag parsing: importing JAX takes a while.
   root = logging.getLogger()
   root.setLevel(logging.INFO)
@@ -131,7 +148,7 @@ def main(argv: list[str]) -> None:
   workdir = os.path.abspath(FLAGS.workdir)
   try:
     if FLAGS.mode == 'eval':
-      train.evaluate_checkpoint(FLAGS.config, workdir, FLAGS.checkpoint)
+      train.evaluate_checkpoint(FLAGS.config, workdir, FLAGS.checkpoint, FLAGS.report_dir)
     else:
       train.train_and_evaluate(FLAGS.config, workdir)
   except UserError as e:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
+import tempfile
 from typing import Any, Callable
 
 import jax
@@ -18,7 +20,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from resnet_jax import checkpointing, models, optim, parallel
+from resnet_jax import checkpointing, models, optim, parallel, resume
 from resnet_jax.errors import UserError
 
 State = dict[str, Any]  # {'step', 'params', 'batch_stats', 'opt_state'}
@@ -214,29 +216,6 @@ class Setup:
     return self.par.compile(train_step), self.par.compile(eval_step, donate_state=False)
 
 
-_SHAPE_FIELDS = ('name', 'stem', 'width_multiplier')
-
-
-def _check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """A usable workdir whose earlier run (if any) trained the same network."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise UserError(f'--workdir: {workdir} exists and is not a directory')
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise UserError(f'--workdir: cannot create {workdir} ({e.strerror})') from None
-  if not os.access(workdir, os.W_OK):
-    raise UserError(f'--workdir: {workdir} is not writable')
-  saved_path = os.path.join(workdir, 'config.json')
-  if os.path.isfile(saved_path) and os.path.isdir(checkpointing.checkpoint_dir(workdir)):
-    with open(saved_path) as f:
-      saved = json.load(f).get('model', {})
-    for field in _SHAPE_FIELDS:
-      if field in saved and saved[field] != config.model.get(field):
-        raise UserError(f'config.model.{field}: {config.model.get(field)!r} differs from '
-                        f'{saved[field]!r} of the run in {workdir}; use a new workdir')
-
-
 def _write_json_atomic(path: str, obj: Any) -> None:
   tmp = f'{path}.tmp'
   with open(tmp, 'w') as f:
@@ -279,29 +258,15 @@ class Preempted(Exception):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from the workdir if it holds a checkpoint) and evaluates."""
-  from resnet_jax import input_pipeline, pretrained, reporting  # TensorFlow lives here.
+  from resnet_jax import input_pipeline, reporting  # TensorFlow lives here.
 
   validate_config(config)
   data = input_pipeline.create_data(config)
   info = data.info
   setup = Setup(config, info.num_classes, info.num_train, info.image_size)
-  variables = pretrained.initial_variables(config, setup.fresh_variables)
-  state = setup.make_state(variables)
+  # Checks the workdir; reads finetune.init_from only for a fresh start.
+  ckpt, start_step, state = resume.restore_or_init(config, workdir, setup, info.class_names)
   train_step, eval_step = setup.steps()
-
-  _check_workdir(workdir, config)
-  ckpt = checkpointing.Checkpointer(workdir, keep=int(config.get('keep_checkpoints', 2)))
-  restored = ckpt.restore_newest_valid(jax.device_get(state))
-  start_step = 0
-  if restored is None and ckpt.steps():
-    raise UserError(f'workdir {workdir}: none of its checkpoints {ckpt.steps()} can be restored '
-                    'into this model; refusing to start over there (use a new workdir)')
-  if restored is not None:
-    start_step, state, meta = restored
-    if meta.get('class_names') and meta['class_names'] != info.class_names:
-      raise UserError(f'workdir {workdir}: its checkpoint was trained on other classes '
-                      f'({len(meta["class_names"])}); use a new workdir')
-    logging.info('Resuming from step %d of %s', start_step, ckpt.directory)
   if jax.process_index() == 0:
     _write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
 
@@ -382,9 +347,13 @@ def results_brief(results: dict[str, Any]) -> dict[str, Any]:
   return {k: results[k] for k in ('step', 'accuracy', 'loss', 'num_examples') if k in results}
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        which: str = 'latest') -> dict[str, Any]:
-  """--mode=eval: evaluates the newest (or best) checkpoint and writes the report."""
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = 'latest',
+                        report_dir: str | None = None) -> dict[str, Any]:
+  """--mode=eval: evaluates the newest (or best) checkpoint and writes the report.
+
+  The workdir is only read. Reports go to `report_dir` if given, else into the
+  workdir when it is writable, else to stdout only.
+  """
   from resnet_jax import input_pipeline, reporting
 
   validate_config(config)
@@ -393,19 +362,41 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   if not os.path.isdir(checkpointing.checkpoint_dir(workdir)) or not os.listdir(
       checkpointing.checkpoint_dir(workdir)):
     raise UserError(f'--mode=eval: no checkpoint in {os.path.abspath(workdir)}')
+  out_dir = _report_dir(workdir, report_dir)
   data = input_pipeline.create_data(config)
   info = data.info
   setup = Setup(config, info.num_classes, info.num_train, info.image_size)
   state = setup.make_state(setup.fresh_variables)
   _, eval_step = setup.steps()
-  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
-  restored = ckpt.restore_newest_valid(jax.device_get(state), which=which)
-  if restored is None:
-    raise UserError(f'--mode=eval: no readable checkpoint in {ckpt.directory}')
-  step, state, _ = restored
-  rep = reporting.Reporter(workdir, info.class_names, setup.total_steps)
-  res = setup.evaluate(eval_step, setup.par.put_state(state), data)
-  results = rep.eval_results(step, res, final=True, checkpoint=which)
-  rep.close()
+  step, state = resume.restore_for_eval(config, workdir, jax.device_get(state),
+                                        info.class_names, which)
+  # Reporter writes files; for stdout only they go to a scratch folder that is removed.
+  scratch = tempfile.mkdtemp(prefix='resnet_jax_eval_') if out_dir is None else None
+  rep = reporting.Reporter(out_dir or scratch, info.class_names, setup.total_steps)
+  try:
+    res = setup.evaluate(eval_step, setup.par.put_state(state), data)
+    results = rep.eval_results(step, res, final=True, checkpoint=which)
+  finally:
+    rep.close()
+    if scratch:
+      shutil.rmtree(scratch, ignore_errors=True)
+  if scratch and jax.process_index() == 0:
+    print(json.dumps(results), flush=True)
   return results
 
+
+def _report_dir(workdir: str, report_dir: str | None) -> str | None:
+  """Where eval reports go; None: stdout only (a read-only workdir and no --report_dir)."""
+  if report_dir:
+    try:
+      os.makedirs(report_dir, exist_ok=True)
+    except OSError as e:
+      raise UserError(f'--report_dir: cannot create {report_dir} ({e.strerror})') from None
+    if not os.access(report_dir, os.W_OK):
+      raise UserError(f'--report_dir: {report_dir} is not writable')
+    return os.path.abspath(report_dir)
+  if resume.writable(workdir):
+    return workdir
+  logging.warning('%s is read-only: the report goes to stdout only (--report_dir=DIR writes '
+                  'its files there).', workdir)
+  return None

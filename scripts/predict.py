@@ -4,19 +4,23 @@
 
 The model, preprocessing and class names come from the workdir (config.json and
 the checkpoint), so predictions see images exactly as evaluation did.
+`--config=FILE` replaces config.json; `--config.x=y` overrides either.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
+config_flags.DEFINE_config_file('config', None, "Config file (default: the workdir's config.json).",
+                                lock_config=True)
 flags.DEFINE_string('workdir', None, 'A workdir written by resnet_jax.main.')
 flags.DEFINE_integer('top_k', 5, 'How many classes to print per image.')
 flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint to use.')
@@ -43,23 +47,32 @@ def list_images(paths: list[str]) -> list[str]:
 
 
 def predict(workdir: str, paths: list[str], top_k: int = 5, which: str = 'best',
-            batch_size: int = 32) -> list[tuple[str, list[tuple[str, float]]]]:
-  """Returns [(path, [(class name, probability), ...]), ...]; unreadable files are skipped."""
+            batch_size: int = 32, config: Any = None
+            ) -> list[tuple[str, list[tuple[str, float]]]]:
+  """Returns [(path, [(class name, probability), ...]), ...]; unreadable files are skipped.
+
+  `config` defaults to the workdir's config.json; one that builds another
+  network than the checkpoint's is a UserError naming the field.
+  """
   import logging
 
   import jax
-  import ml_collections
   import numpy as np
 
-  from resnet_jax import checkpointing, input_pipeline, models
+  from resnet_jax import checkpointing, input_pipeline, models, resume, saved_config
   from resnet_jax.errors import UserError
 
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(config_path):
-    raise UserError(f'--workdir: {workdir} has no config.json (not a resnet_jax workdir?)')
-  config = ml_collections.ConfigDict(json.load(open(config_path)))
+  if config is None:
+    if not os.path.isfile(os.path.join(workdir, 'config.json')):
+      raise UserError(f'--workdir: {workdir} has no config.json (not a resnet_jax workdir?)')
+    config = saved_config.load(workdir)
   ckpt = checkpointing.Checkpointer(workdir, read_only=True)
-  restored = ckpt.restore_newest_valid(which=which)
+  hint = "predict with the config it was trained with (leave out --config to use config.json)"
+  try:
+    restored = ckpt.restore_newest_valid(which=which, check_meta=lambda step, meta: (
+        resume.check_model(config, meta, step, workdir, hint)))
+  finally:
+    ckpt.close()
   if restored is None:
     raise UserError(f'--workdir: no readable checkpoint in {ckpt.directory}')
   step, state, meta = restored
@@ -97,7 +110,8 @@ def main(argv):
     print('error: give image files or folders after the flags', file=sys.stderr)
     sys.exit(2)
   try:
-    results = predict(FLAGS.workdir, argv[1:], FLAGS.top_k, FLAGS.checkpoint, FLAGS.batch_size)
+    results = predict(FLAGS.workdir, argv[1:], FLAGS.top_k, FLAGS.checkpoint, FLAGS.batch_size,
+                      FLAGS.config)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -105,5 +119,19 @@ def main(argv):
     print(f'{path}: ' + ', '.join(f'{name} {p:.3f}' for name, p in top), flush=True)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing with the workdir's config.json as --config; bad flags are one line."""
+  from resnet_jax import saved_config
+  try:
+    remaining = FLAGS(saved_config.with_saved_config(argv, always=True))
+    if FLAGS.config is not None:
+      FLAGS.config.keys()  # A config file that failed to load raises on first use.
+    return remaining
+  except Exception as e:  # pylint: disable=broad-except
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    print(f'error: {lines[-1] if lines else type(e).__name__}', file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -2,13 +2,16 @@
 and nothing in the workdir changes."""
 
 import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from resnet_jax import train
+from resnet_jax import saved_config, train
+from resnet_jax.errors import UserError
 from tests.conftest import REPO, tiny_config
 
 FOLDER_ARGS = ['--config.model.name=resnet20', '--config.model.width_multiplier=0.25',
@@ -125,3 +128,65 @@ def test_cli_trains_and_eval_mode_reports(trained_workdir, tmp_path):
                   f'--config.dataset.data_dir={images}', '--mode=eval', '--checkpoint=best')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'precision' in proc.stdout  # The classification-report table.
+  saved = json.load(open(os.path.join(workdir, 'eval_results.json')))
+  # Step 1 was a periodic save without metrics: only step 2 was evaluated, so it is the best.
+  assert (saved['step'], saved['checkpoint']) == (2, 'best')
+
+
+def test_eval_best_scores_the_best_step_not_the_newest(image_folder, tmp_path, monkeypatch):
+  workdir = str(tmp_path / 'wd')
+  c = tiny_config(**{'dataset.name': 'image_folder', 'dataset.data_dir': image_folder,
+                     'dataset.eval_split': 'test', 'num_train_steps': 2, 'eval_every_steps': 1,
+                     'keep_checkpoints': 1})
+  accuracies, evaluate = iter([0.9, 0.1]), train.evaluate
+
+  def fixed_accuracy(*args, **kwargs):  # Step 1 scores 0.9, step 2 scores 0.1.
+    return {**evaluate(*args, **kwargs), 'accuracy': next(accuracies)}
+
+  monkeypatch.setattr(train, 'evaluate', fixed_accuracy)
+  train.train_and_evaluate(c, workdir)
+  monkeypatch.undo()
+  assert train.evaluate_checkpoint(c, workdir, 'latest')['step'] == 2
+  proc = run_main('--config=configs/default.py', f'--workdir={workdir}', *FOLDER_ARGS,
+                  f'--config.dataset.data_dir={image_folder}', '--mode=eval', '--checkpoint=best')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  saved = json.load(open(os.path.join(workdir, 'eval_results.json')))
+  assert (saved['step'], saved['checkpoint']) == (1, 'best')
+
+
+def test_eval_mode_takes_the_workdirs_config_and_overrides_on_top(trained_workdir, tmp_path):
+  images, workdir = trained_workdir
+  before = digest(workdir)
+  reports = str(tmp_path / 'reports')
+  proc = run_main(f'--workdir={workdir}', '--mode=eval', f'--report_dir={reports}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.load(open(os.path.join(reports, 'eval_results.json')))['step'] == 2
+  assert digest(workdir) == before
+  proc = run_main(f'--workdir={workdir}', '--mode=eval', '--config.model.width_multiplier=0.5')
+  assert_one_line_error(proc, 'config.model.width_multiplier', '0.5', '0.25', 'step 2')
+  config = saved_config.load(workdir)
+  config.dataset.classes = 'cat,dog'
+  with pytest.raises(UserError, match=r'^config.dataset.classes: the data has 2 classes'):
+    train.evaluate_checkpoint(config, workdir)
+  assert digest(workdir) == before
+
+
+def test_eval_mode_on_a_read_only_workdir(trained_workdir, tmp_path):
+  """chmod a-w does not stop root: then the digest shows that nothing was written."""
+  images, trained = trained_workdir
+  workdir = str(tmp_path / 'ro')
+  shutil.copytree(trained, workdir)
+  for root, dirs, files in os.walk(workdir):
+    for name in dirs + files + ['.']:
+      path = os.path.join(root, name)
+      os.chmod(path, os.stat(path).st_mode & ~0o222)
+  before = digest(workdir)
+  try:
+    proc = run_main('--config=configs/default.py', f'--workdir={workdir}', *FOLDER_ARGS,
+                    f'--config.dataset.data_dir={images}', '--mode=eval', '--checkpoint=best')
+  finally:
+    subprocess.run(['chmod', '-R', 'u+w', workdir], check=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert digest(workdir) == before
+  printed = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert (printed['step'], printed['checkpoint'], printed['num_examples']) == (2, 'best', 15)

@@ -75,3 +75,28 @@ def test_predict_prints_top_k_with_class_names(folder_config, tmp_path, caplog):
   assert any('broken.jpg' in r.getMessage() for r in caplog.records)
   with pytest.raises(UserError, match='config.json'):
     predict.predict(str(tmp_path), [folder])
+
+
+def test_predict_uses_config_json_and_names_a_mismatched_field(folder_config, tmp_path):
+  sys.path.insert(0, os.path.join(REPO, 'scripts'))
+  import predict  # pylint: disable=import-outside-toplevel
+  from resnet_jax import saved_config
+  workdir = str(tmp_path / 'wd')
+  folder_config.num_train_steps = 2
+  train.train_and_evaluate(folder_config, workdir)
+  image = os.path.join(folder_config.dataset.data_dir, 'test', 'dog', '0001.jpg')
+  wide = saved_config.load(workdir)
+  wide.model.width_multiplier = 0.5
+  with pytest.raises(UserError, match=r'config.model.width_multiplier: 0.5 differs from 0.25'):
+    predict.predict(workdir, [image], config=wide)
+  env = dict(os.environ, XLA_FLAGS='', TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
+  command = [sys.executable, 'scripts/predict.py', f'--workdir={workdir}', '--top_k=2']
+  proc = subprocess.run(command + [image], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().startswith(f'{image}: ')
+  # --config.x=y applies on top of config.json (no --config file given).
+  proc = subprocess.run(command + ['--config.model.name=resnet32', image], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: config.model.name: 'resnet32'")

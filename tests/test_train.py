@@ -1,15 +1,20 @@
 """End-to-end training runs: TFDS (mocked) and image folders, eval mode, resume."""
 
+import copy
 import json
+import logging
 import os
+import shutil
 import signal
 
 import jax
 import numpy as np
 import pytest
 
-from resnet_jax import checkpointing, reporting, train
+from resnet_jax import checkpointing, models, reporting, resume, train
+from resnet_jax.errors import UserError
 from tests.conftest import tiny_config
+from tests.test_main import digest
 
 
 def _params(workdir, step=None):
@@ -108,9 +113,11 @@ def test_non_finite_loss_stops_without_writing_a_checkpoint(folder_config, tmp_p
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state['params']))
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(folder_config, tmp_path):
+def test_corrupt_newest_checkpoint_falls_back_then_retrains_and_saves_it(folder_config, tmp_path,
+                                                                         caplog):
   workdir = str(tmp_path / 'wd')
   train.train_and_evaluate(folder_config, workdir)
+  uninterrupted = _params(workdir, 4)
   state_dir = os.path.join(workdir, 'checkpoints', '4', 'state')
   for root, _, files in os.walk(state_dir):
     for f in files:
@@ -119,3 +126,72 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(folder_config,
   ckpt = checkpointing.Checkpointer(workdir, read_only=True)
   step, state, _ = ckpt.restore_newest_valid()
   assert step == 2 and int(state['step']) == 2
+
+  with caplog.at_level(logging.WARNING):
+    results = train.train_and_evaluate(folder_config, workdir)  # Retrains steps 3 and 4.
+  assert results['step'] == 4
+  retrained = _params(workdir, 4)
+  assert int(retrained['step']) == 4
+  _assert_trees_equal(uninterrupted, retrained)
+  assert checkpointing.Checkpointer(workdir, read_only=True).steps() == [2, 4]
+  assert any('[4]' in r.getMessage() and 'unreadable_checkpoints' in r.getMessage()
+             for r in caplog.records)
+  assert train.evaluate_checkpoint(folder_config, workdir, 'latest')['step'] == 4
+
+
+def _finished_workdir_with_step_4_removed(config, workdir):
+  """A run that stopped after its step-2 checkpoint, as a preempted one would have."""
+  train.train_and_evaluate(config, workdir)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
+
+
+def test_resume_does_not_read_init_from_again(folder_config, tmp_path):
+  pre = str(tmp_path / 'pre')  # A "pretrained" checkpoint: the model's own fresh weights.
+  model = models.create_model(folder_config.model, 3)
+  fresh = jax.device_get(jax.jit(lambda r: models.init_variables(model, r, 8))(jax.random.key(1)))
+  saver = checkpointing.Checkpointer(pre)
+  saver.save(0, {'step': np.int32(0), **fresh, 'opt_state': {}}, {})
+  saver.close()
+  folder_config.finetune.init_from = pre
+  workdir = str(tmp_path / 'ft')
+  _finished_workdir_with_step_4_removed(folder_config, workdir)
+  shutil.rmtree(pre)  # The pretrained weights are gone; the workdir has all it needs.
+  results = train.train_and_evaluate(folder_config, workdir)
+  assert results['step'] == 4
+  assert checkpointing.Checkpointer(workdir, read_only=True).steps() == [2, 4]
+
+
+def test_resume_with_changed_run_settings_is_refused_unless_allowed(folder_config, tmp_path,
+                                                                     caplog):
+  workdir = str(tmp_path / 'wd')
+  train.train_and_evaluate(folder_config, workdir)  # 4 steps.
+  before = digest(workdir)
+  longer = copy.deepcopy(folder_config)
+  longer.num_train_steps = 6  # The cosine schedule would jump back up at step 4.
+  longer.seed = 3
+  with pytest.raises(UserError) as info:
+    train.train_and_evaluate(longer, workdir)
+  message = str(info.value)
+  assert '\n' not in message
+  assert 'config.num_train_steps (checkpoint 4, now 6)' in message
+  assert 'config.seed (checkpoint 0, now 3)' in message
+  assert 'allow_resume_changes' in message
+  assert digest(workdir) == before
+  meta = checkpointing.Checkpointer(workdir, read_only=True).read_meta(4)
+  for field, value in (('optimizer.learning_rate', 0.5), ('schedule.warmup_steps', 2),
+                       ('batch_size', 4), ('grad_accum_steps', 2), ('num_epochs', 3.0),
+                       ('dataset.train_split', 'train[:50%]'), ('dataset.classes', 'cat,dog')):
+    changed = copy.deepcopy(folder_config)
+    changed.num_train_steps = -1 if field == 'num_epochs' else changed.num_train_steps
+    node, path = changed, field.split('.')
+    for part in path[:-1]:
+      node = node[part]
+    node[path[-1]] = value
+    assert any(c.startswith(f'config.{field} (') for c in resume.resume_changes(changed, meta,
+                                                                                workdir)), field
+
+  longer.allow_resume_changes = True
+  with caplog.at_level(logging.WARNING):
+    results = train.train_and_evaluate(longer, workdir)
+  assert results['step'] == 6
+  assert any('allow_resume_changes' in r.getMessage() for r in caplog.records)
