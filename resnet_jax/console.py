@@ -201,34 +201,47 @@ class Progress:
   """Throughput and ETA from the wall clock, counted from the first finished step.
 
   The first step includes compilation, so the clock starts when it finishes
-  (`first_step_done`); each log step measures the interval since the last.
+  (`first_step_done`). images/s is the training speed since the previous log
+  line, without the evaluations and checkpoints in between (`skip`); the ETA
+  divides the steps left by the average pace since the first step, those
+  pauses included, since the rest of the run will have them too.
   """
 
   def __init__(self, total_steps: int, global_batch: int):
     self.total = total_steps
     self.batch = global_batch
+    self._start: tuple[int, float] | None = None
     self._mark: tuple[int, float] | None = None
-    self._steps_per_sec: float | None = None
+    self._images_per_sec: float | None = None
 
   def first_step_done(self, step: int) -> None:
-    self._mark = (step, time.monotonic())
+    self._start = self._mark = (step, time.monotonic())
+
+  def skip(self, step: int) -> None:
+    """Leaves the time since the last mark (an evaluation, a checkpoint) out of images/s."""
+    if self._mark is not None:
+      self._mark = (step, time.monotonic())
 
   def images_per_sec(self, step: int) -> float | None:
-    """Images per second since the previous call (None until a timed step finished)."""
+    """Training images per second since the last mark (None until a timed step finished)."""
     now = time.monotonic()
     if self._mark is not None and step > self._mark[0] and now > self._mark[1]:
-      self._steps_per_sec = (step - self._mark[0]) / (now - self._mark[1])
+      self._images_per_sec = (step - self._mark[0]) * self.batch / (now - self._mark[1])
       self._mark = (step, now)
-    return None if self._steps_per_sec is None else self._steps_per_sec * self.batch
+    return self._images_per_sec
+
+  def eta(self, step: int) -> str:
+    now = time.monotonic()
+    if self._start is None or step <= self._start[0] or now <= self._start[1]:
+      return '-'
+    return format_duration((self.total - step) * (now - self._start[1]) / (step - self._start[0]))
 
   def line(self, step: int, means: dict[str, float], images_per_sec: float | None) -> str:
     width = len(str(self.total))
     speed = f'{images_per_sec:,.0f} img/s' if images_per_sec else '- img/s'
-    eta = (format_duration((self.total - step) * self.batch / images_per_sec)
-           if images_per_sec else '-')
     return (f'step {step:>{width}}/{self.total}  loss {means["loss"]:.4f}  '
             f'accuracy {means["accuracy"]:.4f}  lr {means["learning_rate"]:.4g}  {speed}  '
-            f'ETA {eta}')
+            f'ETA {self.eta(step)}')
 
 
 def write_parameter_table(path: str, params: Any, frozen: set[str]) -> None:

@@ -144,9 +144,11 @@ class Loop:
       if step % self.eval_every == 0 or step == self.total:
         metrics.finish_all()
         results = self.evaluate_and_save(step, state, final=step == self.total)
+        progress.skip(step)
       elif step % self.ckpt_every == 0:
         metrics.finish_all()
         self.ckpt.save(step, self.get_state(state), self.meta)
+        progress.skip(step)
       if preempt.signum is not None:
         metrics.finish_all()
         self.ckpt.save(step, self.get_state(state), self.meta)

@@ -76,16 +76,23 @@ def test_init_source_descriptions(tmp_path):
   assert console.describe_init('') == ''
 
 
-def test_progress_line_reports_rate_and_eta(monkeypatch):
-  clock = iter([100.0, 110.0])
-  monkeypatch.setattr(console.time, 'monotonic', lambda: next(clock))
+def test_progress_line_reports_training_speed_and_eta(monkeypatch):
+  now = [100.0]
+  monkeypatch.setattr(console.time, 'monotonic', lambda: now[0])
   progress = console.Progress(total_steps=1000, global_batch=64)
   progress.first_step_done(1)
+  now[0] = 110.0
   rate = progress.images_per_sec(101)  # 100 steps of 64 images in 10 s.
   assert rate == 640.0
   line = progress.line(101, {'loss': 1.23456, 'accuracy': 0.5, 'learning_rate': 0.1}, rate)
   assert line == 'step  101/1000  loss 1.2346  accuracy 0.5000  lr 0.1  640 img/s  ETA 0:01:30'
   assert PROGRESS.match(line)
+  now[0] = 130.0  # An evaluation of 20 s: not training speed, but part of the pace.
+  progress.skip(101)
+  now[0] = 135.0
+  rate = progress.images_per_sec(201)
+  assert rate == 1280.0
+  assert progress.eta(201) == '0:02:20'  # 200 steps took 35 s; 799 are left.
 
 
 def test_main_console_has_the_block_and_none_of_the_known_noise(tmp_path):
