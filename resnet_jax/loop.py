@@ -13,7 +13,6 @@ What it guarantees:
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 from typing import Any, Callable, Iterator
 
