@@ -13,14 +13,19 @@ import logging
 import os
 import sys
 
+from resnet_jax import console  # Light: before anything heavy, Ctrl-C must exit cleanly.
+
+if __name__ == '__main__':
+  console.install_startup_interrupt()
+
 # TensorFlow's C++ start-up chatter (oneDNN, CPU features) is noise for our users.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from resnet_jax import saved_config
-from resnet_jax.errors import UserError
+from resnet_jax import saved_config  # noqa: E402
+from resnet_jax.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to an experiment config file.',
@@ -111,14 +116,6 @@ def parse_flags(argv: list[str]) -> list[str]:
   return []
 
 
-class _QuietLibraries(logging.Filter):
-  """Drops INFO chatter from Orbax and friends (their warnings still show)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    noisy = any(f'/{m}/' in record.pathname for m in ('orbax', 'etils', 'tensorflow_datasets'))
-    return record.levelno >= logging.WARNING or not noisy
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -140,11 +137,10 @@ def main(argv: list[str]) -> None:
     _fail(str(e))
   if FLAGS.report_dir and FLAGS.mode != 'eval':
     _fail('--report_dir: only --mode=eval writes its reports elsewhere')
+  logging.getLogger().setLevel(logging.INFO)
+  console.quiet_libraries()
+  console.import_tensorflow_quietly()
   from resnet_jax import train  # After flag parsing: importing JAX takes a while.
-  root = logging.getLogger()
-  root.setLevel(logging.INFO)
-  for handler in root.handlers:
-    handler.addFilter(_QuietLibraries())
   workdir = os.path.abspath(FLAGS.workdir)
   try:
     if FLAGS.mode == 'eval':
@@ -156,11 +152,16 @@ def main(argv: list[str]) -> None:
   except train.Preempted as e:
     print(f'preempted: {e}', file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)
+  except KeyboardInterrupt:  # A second Ctrl-C while training: stopped without saving.
+    print('interrupted: stopped without saving this step; rerun the same command to resume '
+          'from the last checkpoint', file=sys.stderr, flush=True)
+    sys.exit(130)
   except FloatingPointError as e:
     _fail(str(e), code=3)
 
 
 def run() -> None:
+  console.install_startup_interrupt()
   app.run(main, flags_parser=parse_flags)
 
 

@@ -1,7 +1,8 @@
-"""What a person reads: clu metric writers, progress, eval_results.json and pictures.
+"""What a person reads afterwards: TensorBoard scalars, eval_results.json and pictures.
 
 Writes into the workdir:
-  * TensorBoard events and console lines (clu `create_default_writer`);
+  * TensorBoard events (clu's SummaryWriter; the console lines are
+    `console.py`'s, so scalars are not logged a second time);
   * `eval_results.json` after every evaluation (atomically replaced);
   * `history.jsonl`, one line per logged train step or evaluation, which the
     curves are drawn from and which survives resumption;
@@ -135,24 +136,17 @@ def save_curves_png(path: str, history: list[dict[str, Any]]) -> None:
 
 
 class Reporter:
-  """clu writers and progress, plus the workdir's JSON and PNG reports."""
+  """The TensorBoard writer, plus the workdir's JSON and PNG reports."""
 
   def __init__(self, workdir: str, class_names: list[str], total_steps: int):
-    from clu import metric_writers, periodic_actions
+    from clu import metric_writers
     self.workdir = workdir
     self.class_names = class_names
+    self.total_steps = total_steps
     self.lead = jax.process_index() == 0
-    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.lead)
-    self.progress = periodic_actions.ReportProgress(num_train_steps=total_steps,
-                                                    writer=self.writer, every_secs=30)
+    self.writer = (metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
+                   if self.lead else metric_writers.MultiWriter([]))
     self.history_path = os.path.join(workdir, 'history.jsonl')
-
-  def tick(self, step: int) -> None:
-    self.progress(step)
-
-  def parameter_overview(self, params: Any) -> None:
-    from clu import parameter_overview
-    parameter_overview.log_parameter_overview(params)
 
   def _history(self, record: dict[str, Any]) -> None:
     if self.lead:

@@ -116,20 +116,6 @@ def check_resume(config: Any, class_names: list[str], meta: dict[str, Any], step
                   'values, use a new workdir, or pass --config.allow_resume_changes=True')
 
 
-def _check_workdir(workdir: str) -> None:
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise UserError(f'--workdir: {workdir} exists and is not a directory')
-  if os.path.isdir(workdir) and not os.access(workdir, os.W_OK):
-    raise UserError(f'--workdir: {workdir} is not writable')
-
-
-def _make_workdir(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise UserError(f'--workdir: cannot create {workdir} ({e.strerror})') from None
-
-
 def _steps_on_disk(workdir: str) -> list[int]:
   """Committed step folders, read without opening (or creating) anything."""
   directory = checkpointing.checkpoint_dir(workdir)
@@ -139,39 +125,31 @@ def _steps_on_disk(workdir: str) -> list[int]:
 
 
 def restore_or_init(config: Any, workdir: str, setup: Any, class_names: list[str]
-                    ) -> tuple[checkpointing.Checkpointer, int, Any]:
-  """The checkpointer, the start step and the host state a training run starts from.
+                    ) -> tuple[int, Any]:
+  """The start step and the host state a training run starts from; writes nothing.
 
-  A workdir with checkpoints continues from its newest readable one; newer,
-  unreadable ones are set aside so their steps are retrained and saved again.
-  `finetune.init_from` is read only for a fresh start, so a resume does not
-  depend on that file still existing. Nothing is written before every check
-  here has passed.
+  A workdir with checkpoints continues from its newest readable one that fits
+  the config (`check_resume`). `finetune.init_from` is read only for a fresh
+  start, so a resume does not depend on that file still existing. The caller
+  sets aside the unreadable newer steps (`Checkpointer.set_aside_steps_after`)
+  once it holds the workdir, so their steps are retrained and saved again.
   """
   from resnet_jax import pretrained
-  _check_workdir(workdir)
-  keep = int(config.get('keep_checkpoints', 2))
-  run_meta = {'run': run_fields(config)}
   if not _steps_on_disk(workdir):
-    state = setup.make_state(pretrained.initial_variables(config, setup.fresh_variables))
-    _make_workdir(workdir)
-    return checkpointing.Checkpointer(workdir, keep=keep, run_meta=run_meta), 0, state
-  ckpt = checkpointing.Checkpointer(workdir, keep=keep, run_meta=run_meta)
+    return 0, setup.make_state(pretrained.initial_variables(config, setup.fresh_variables))
+  reader = checkpointing.Checkpointer(workdir, read_only=True)
   try:
     abstract = jax.device_get(setup.make_state(setup.fresh_variables))
-    restored = ckpt.restore_newest_valid(
+    restored = reader.restore_newest_valid(
         abstract, check_meta=lambda step, meta: check_resume(config, class_names, meta, step,
                                                              workdir))
     if restored is None:
-      raise UserError(f'workdir {workdir}: none of its checkpoints {ckpt.steps()} can be '
+      raise UserError(f'workdir {workdir}: none of its checkpoints {reader.steps()} can be '
                       'restored into this model; refusing to start over there (use a new workdir)')
-    step, state, _ = restored
-    ckpt.set_aside_steps_after(step)
-  except BaseException:
-    ckpt.close()
-    raise
-  logging.info('Resuming from step %d of %s', step, ckpt.directory)
-  return ckpt, step, state
+  finally:
+    reader.close()
+  step, state, _ = restored
+  return step, state
 
 
 def restore_for_eval(config: Any, workdir: str, abstract_state: Any, class_names: list[str],

@@ -6,11 +6,11 @@ input pipeline and the metric writers, which are not.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
-import signal
 import tempfile
 from typing import Any, Callable
 
@@ -22,6 +22,7 @@ import optax
 
 from resnet_jax import checkpointing, models, optim, parallel, resume
 from resnet_jax.errors import UserError
+from resnet_jax.loop import Preempted  # noqa: F401  (main catches train.Preempted)
 
 State = dict[str, Any]  # {'step', 'params', 'batch_stats', 'opt_state'}
 
@@ -158,6 +159,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'config.grad_accum_steps: must be >= 1, got {config.grad_accum_steps}')
   if not 0.0 <= float(config.get('label_smoothing', 0.0)) < 1.0:
     raise UserError(f'config.label_smoothing: must be in [0, 1), got {config.label_smoothing}')
+  std = tuple(config.dataset.get('std', ()))
+  if any(not np.isfinite(float(v)) or float(v) == 0 for v in std):
+    raise UserError(f'config.dataset.std: {std} holds a zero or non-finite value; images are '
+                    'divided by it')
   models.create_model(config.model, num_classes=1)
   optim.check_schedule(config)
   optim.check_optimizer(config)
@@ -223,110 +228,70 @@ def _write_json_atomic(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-class _Preemption:
-  """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
-
-  def __init__(self):
-    self.signum: int | None = None
-    self._old = {}
-
-  def __enter__(self):
-    for s in (signal.SIGTERM, signal.SIGINT):
-      self._old[s] = signal.signal(s, self._handle)
-    return self
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    if self.signum is not None:  # A second signal: stop at once.
-      signal.signal(signum, self._old[signum])
-      os.kill(os.getpid(), signum)
-    self.signum = signum
-
-  def __exit__(self, *exc):
-    for s, h in self._old.items():
-      signal.signal(s, h)
-
-
-class Preempted(Exception):
-  def __init__(self, step: int, signum: int):
-    super().__init__(f'stopped by signal {signum} at step {step}; checkpoint saved, rerun the '
-                     'same command to resume')
-    self.step, self.signum = step, signum
-
-
 # --------------------------------------------------------------------------- entry points
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (resuming from the workdir if it holds a checkpoint) and evaluates."""
-  from resnet_jax import input_pipeline, reporting  # TensorFlow lives here.
+  """Trains (resuming from the workdir if it holds a checkpoint) and evaluates.
+
+  Everything that can be checked (config, data sizes, devices, init_from, the
+  freeze regex, the workdir's checkpoints) is checked before the workdir is
+  locked and first written, so a failing run leaves it byte-identical.
+  """
+  from resnet_jax import input_pipeline, loop, reporting  # TensorFlow lives here.
+  from resnet_jax import workdir as workdir_lib
 
   validate_config(config)
   data = input_pipeline.create_data(config)
   info = data.info
   setup = Setup(config, info.num_classes, info.num_train, info.image_size)
-  # Checks the workdir; reads finetune.init_from only for a fresh start.
-  ckpt, start_step, state = resume.restore_or_init(config, workdir, setup, info.class_names)
+  input_pipeline.check_steps_per_epoch(info.num_train, int(config.batch_size))
+  workdir_lib.check_writable(workdir)
+  # Reads checkpoints (or finetune.init_from, only for a fresh start); writes nothing.
+  start_step, state = resume.restore_or_init(config, workdir, setup, info.class_names)
   train_step, eval_step = setup.steps()
-  if jax.process_index() == 0:
-    _write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
-
-  rep = reporting.Reporter(workdir, info.class_names, setup.total_steps)
+  train_iter = _train_batches(config, data, setup, start_step)  # Its own checks, no writes.
   summary = setup.spec.summary(state['params'])
-  logging.info('Parameters: %d total, %d trainable, %d frozen (%d of %d tensors frozen)',
-               summary['total'], summary['trainable'], summary['frozen'],
-               summary['frozen_tensors'], summary['tensors'])
-  if start_step == 0:
-    rep.parameter_overview(state['params'])
   state = setup.par.put_state(state)
+  lead = jax.process_index() == 0
 
-  meta = {'class_names': info.class_names, 'num_classes': info.num_classes}
-  total = setup.total_steps
-  log_every = int(config.log_every_steps) or total
-  eval_every = int(config.eval_every_steps) or total
-  ckpt_every = int(config.checkpoint_every_steps) or total
-  train_iter = _train_batches(config, data, setup, start_step)
-  results: dict[str, Any] = {}
-  pending: list[Any] = []
-  step = start_step
-  try:
-    with _Preemption() as preempt:
-      while step < total:
-        state, metrics = train_step(state, next(train_iter))
-        pending.append(metrics)
-        if len(pending) >= 2:
-          # At most two steps in flight: enough to keep the device busy, and a
-          # signal or an error is acted on within a step or two, not dozens.
-          jax.block_until_ready(pending[-2])
-        step += 1
-        rep.tick(step)
-        if step % log_every == 0 or step == total:
-          host = [setup.par.get_metrics(m) for m in pending]
-          pending = []
-          means = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
-          means['learning_rate'] = float(host[-1]['learning_rate'])  # A value, not a mean.
-          if not np.isfinite(means['loss']):
-            raise FloatingPointError(f'non-finite training loss {means["loss"]} at step {step}; '
-                                     'no checkpoint written (lower the learning rate?)')
-          rep.train_metrics(step, means)
-        if step % eval_every == 0 or step == total:
-          res = setup.evaluate(eval_step, state, data)
-          results = rep.eval_results(step, res, final=step == total)
-          ckpt.save(step, setup.par.get_state(state), {**meta, 'eval': results_brief(results)},
-                    metrics={'accuracy': results['accuracy']})
-        elif step % ckpt_every == 0:
-          ckpt.save(step, setup.par.get_state(state), meta)
-        if preempt.signum is not None:
-          ckpt.save(step, setup.par.get_state(state), meta)
-          raise Preempted(step, preempt.signum)
-    if start_step >= total and not results:
-      logging.info('Workdir already holds the final step %d; evaluating it.', start_step)
-      res = setup.evaluate(eval_step, state, data)
-      results = rep.eval_results(start_step, res, final=True)
-  finally:
-    # Also on errors: let an in-flight asynchronous save finish, flush the writers.
-    ckpt.close()
-    rep.close()
-  return results
+  with loop.Preemption() as preempt, workdir_lib.Lock(workdir, enabled=lead):
+    if lead:
+      _first_writes(config, workdir, info, setup, summary, start_step)
+    total = setup.total_steps
+    # closing(): also on errors, an in-flight asynchronous save finishes.
+    with contextlib.closing(checkpointing.Checkpointer(
+        workdir, keep=int(config.get('keep_checkpoints', 2)),
+        run_meta={'run': resume.run_fields(config)})) as ckpt, contextlib.closing(
+            reporting.Reporter(workdir, info.class_names, total)) as rep:
+      if start_step:
+        ckpt.set_aside_steps_after(start_step)  # Unreadable newer steps: retrained, saved again.
+      return loop.Loop(
+          train_step=train_step, evaluate=lambda s: setup.evaluate(eval_step, s, data),
+          get_state=setup.par.get_state, get_metrics=setup.par.get_metrics, ckpt=ckpt, rep=rep,
+          meta={'class_names': info.class_names, 'num_classes': info.num_classes},
+          total=total, log_every=int(config.log_every_steps) or total,
+          eval_every=int(config.eval_every_steps) or total,
+          ckpt_every=int(config.checkpoint_every_steps) or total,
+          global_batch=int(config.batch_size), lead=lead,
+      ).run(state, train_iter, start_step, preempt)
+
+
+def _first_writes(config: ml_collections.ConfigDict, workdir: str, info: Any, setup: Setup,
+                  summary: dict[str, int], start_step: int) -> None:
+  """config.json, parameters.txt (one row per tensor) and the start-up block on the console."""
+  from resnet_jax import console
+  _write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
+  table = os.path.join(workdir, 'parameters.txt')
+  console.write_parameter_table(table, setup.fresh_variables['params'],
+                                set(setup.spec.frozen_paths()))
+  ft = config.get('finetune', {})
+  init = '' if start_step else console.describe_init(ft.get('init_from', ''),
+                                                     ft.get('cache_dir', ''))
+  console.say(console.start_block(
+      config, info, summary, num_devices=len(setup.par.devices),
+      platform=setup.par.devices[0].platform, total_steps=setup.total_steps, workdir=workdir,
+      start_step=start_step, init=init, parameter_file=table))
 
 
 def _train_batches(config: ml_collections.ConfigDict, data: Any, setup: Setup,
@@ -341,10 +306,6 @@ def _train_batches(config: ml_collections.ConfigDict, data: Any, setup: Setup,
     return dataset.iterate(int(config.batch_size), start_step)
   host = data.train_iter(setup.local_batch, start_step, jax.process_index(), jax.process_count())
   return device_data.prefetch_to_device(setup.par, host, int(config.dataset.get('prefetch', 2)))
-
-
-def results_brief(results: dict[str, Any]) -> dict[str, Any]:
-  return {k: results[k] for k in ('step', 'accuracy', 'loss', 'num_examples') if k in results}
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = 'latest',

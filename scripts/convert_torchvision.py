@@ -63,7 +63,9 @@ def convert(arch: str, source: str, output: str, stem: str = '',
 
 def main(argv):
   del argv
+  from resnet_jax import console
   from resnet_jax.errors import UserError
+  console.quiet_libraries()  # No Orbax INFO.
   if not FLAGS.input or not FLAGS.output:
     print('error: --input and --output are required', file=sys.stderr)
     sys.exit(2)

@@ -102,7 +102,10 @@ def predict(workdir: str, paths: list[str], top_k: int = 5, which: str = 'best',
 
 
 def main(argv):
+  from resnet_jax import console
   from resnet_jax.errors import UserError
+  console.quiet_libraries()  # No Orbax INFO, no "directory is read only".
+  console.import_tensorflow_quietly()
   if not FLAGS.workdir:
     print('error: --workdir is required', file=sys.stderr)
     sys.exit(2)

@@ -85,3 +85,25 @@ def image_folder(tmp_path):
 def folder_config(image_folder):
   return tiny_config(**{'dataset.name': 'image_folder', 'dataset.data_dir': image_folder,
                         'dataset.eval_split': 'test'})
+
+
+def import_script(name):
+  """Imports scripts/<name>.py as a module.
+
+  Each script defines its absl flags at import (several define --config and
+  --workdir), so flags that another script defined in this test process are
+  removed first; otherwise the second import fails with DuplicateFlagError.
+  """
+  import importlib
+  from absl import flags
+  scripts = os.path.join(REPO, 'scripts')
+  for module, defined in flags.FLAGS.flags_by_module_dict().items():
+    if os.path.dirname(os.path.abspath(module)) == scripts or module in (
+        'benchmark', 'predict', 'export', 'serve', 'convert_torchvision'):
+      for flag in defined:
+        if flag.name in flags.FLAGS:
+          delattr(flags.FLAGS, flag.name)
+  if scripts not in sys.path:
+    sys.path.insert(0, scripts)
+  sys.modules.pop(name, None)
+  return importlib.import_module(name)

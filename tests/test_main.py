@@ -5,12 +5,14 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from resnet_jax import saved_config, train
+from resnet_jax import saved_config, train, workdir as workdir_lib
 from resnet_jax.errors import UserError
 from tests.conftest import REPO, tiny_config
 
@@ -71,6 +73,7 @@ def trained_workdir(tmp_path_factory):
     ('--config.no_such_field=1', ('no_such_field',)),
     ('--config.model.name=resnet32', ('config.model.name', 'new workdir')),
     ('--config.model.width_multiplier=0.5', ('config.model.width_multiplier', 'new workdir')),
+    ('--config.batch_size=100000', ('config.batch_size', 'larger than the training split')),
 ])
 def test_bad_input_is_one_line_and_leaves_the_workdir_untouched(trained_workdir, override,
                                                                  fragments):
@@ -80,6 +83,91 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_untouched(trained_workdir,
                   f'--config.dataset.data_dir={images}', override)
   assert_one_line_error(proc, *fragments)
   assert digest(workdir) == before
+
+
+@pytest.mark.parametrize('overrides,fragment', [
+    ({'batch_size': 100000}, 'config.batch_size'),
+    ({'dataset.std': (0.2, 0.0, 0.2)}, 'config.dataset.std'),
+    ({'finetune.freeze': '^stage9/'}, 'config.finetune.freeze'),
+    ({'parallelism': 'pmap', 'dataset.on_device': True}, 'config.dataset.on_device'),
+    ({'grad_accum_steps': 3}, 'config.grad_accum_steps'),
+    ({'batch_size': 6}, 'config.batch_size'),  # Does not divide over the 4 test devices.
+])
+def test_failed_run_leaves_a_trained_workdir_byte_identical(trained_workdir, overrides,
+                                                             fragment):
+  images, workdir = trained_workdir
+  before = digest(workdir)
+  # The settings the workdir was trained with, so that only the bad one can fail.
+  c = tiny_config(**{'dataset.name': 'image_folder', 'dataset.data_dir': images,
+                     'dataset.eval_split': 'test', 'num_train_steps': 2, **overrides})
+  with pytest.raises(UserError, match=fragment.replace('.', r'\.')):
+    train.train_and_evaluate(c, workdir)
+  assert digest(workdir) == before
+
+
+def test_missing_init_from_leaves_a_fresh_workdir_as_it_was(trained_workdir, tmp_path):
+  # init_from is read only for a fresh start (a resume ignores it), so a workdir without
+  # checkpoints: one holding only the user's notes.
+  images, _ = trained_workdir
+  workdir = tmp_path / 'fresh'
+  workdir.mkdir()
+  (workdir / 'notes.txt').write_text('keep me')
+  before = digest(str(workdir))
+  c = tiny_config(**{'dataset.name': 'image_folder', 'dataset.data_dir': images,
+                     'dataset.eval_split': 'test', 'finetune.init_from': '/no/such/checkpoint'})
+  with pytest.raises(UserError, match=r'config\.finetune\.init_from'):
+    train.train_and_evaluate(c, str(workdir))
+  assert digest(str(workdir)) == before
+
+
+def test_second_run_on_a_workdir_in_use_is_refused(trained_workdir):
+  images, workdir = trained_workdir
+  c = tiny_config(**{'dataset.name': 'image_folder', 'dataset.data_dir': images,
+                     'dataset.eval_split': 'test', 'num_train_steps': 2})
+  with workdir_lib.Lock(workdir):
+    before = digest(workdir)
+    with pytest.raises(UserError) as info:
+      train.train_and_evaluate(c, workdir)
+    assert digest(workdir) == before
+  message = str(info.value)
+  assert message.startswith('--workdir') and 'in use' in message, message
+  assert f'pid {os.getpid()} on {os.uname().nodename}' in message, message
+  assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_NAME))
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(trained_workdir, tmp_path, caplog):
+  images, _ = trained_workdir
+  workdir = str(tmp_path / 'wd')
+  dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+  dead.wait()
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, workdir_lib.LOCK_NAME), 'w') as f:
+    f.write(f'{{"pid": {dead.pid}, "host": "{os.uname().nodename}", "started": 0}}\n')
+  c = tiny_config(**{'dataset.name': 'image_folder', 'dataset.data_dir': images,
+                     'dataset.eval_split': 'test', 'num_train_steps': 2})
+  results = train.train_and_evaluate(c, workdir)
+  assert results['step'] == 2
+  stale = [r.getMessage() for r in caplog.records if 'stale lock' in r.getMessage()]
+  assert len(stale) == 1 and f'pid {dead.pid}' in stale[0], stale
+  assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_NAME))  # Released at exit.
+
+
+def test_ctrl_c_during_start_up_exits_130_in_one_line(trained_workdir, tmp_path):
+  images, _ = trained_workdir
+  workdir = str(tmp_path / 'wd')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'resnet_jax.main', '--config=configs/default.py',
+       f'--workdir={workdir}', *FOLDER_ARGS, f'--config.dataset.data_dir={images}'],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  time.sleep(1.5)  # Importing absl, JAX and TensorFlow.
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-2000:]
+  assert 'Traceback' not in err, err[-2000:]
+  assert err.strip().splitlines()[-1].startswith('interrupted'), err[-2000:]
+  assert not os.path.exists(workdir)
 
 
 def test_missing_data_dir_and_unknown_dataset(tmp_path):
@@ -98,6 +186,7 @@ def test_batch_that_does_not_divide_over_devices(trained_workdir, tmp_path):
   proc = run_main('--config=configs/default.py', f'--workdir={tmp_path}/wd', *FOLDER_ARGS,
                   f'--config.dataset.data_dir={images}', '--config.batch_size=6', devices=4)
   assert_one_line_error(proc, 'config.batch_size', '6', '4 devices')
+  assert not os.path.exists(f'{tmp_path}/wd')
 
 
 def test_workdir_that_is_a_file(trained_workdir, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from resnet_jax import train
 from resnet_jax.errors import UserError
-from tests.conftest import REPO
+from tests.conftest import REPO, import_script
 
 
 _BENCH_FLAGS = ['--config.model.width_multiplier=0.25', '--config.dataset.image_size=8',
@@ -45,8 +45,7 @@ def test_benchmark_prints_json_without_importing_tensorflow(one_device_benchmark
 def test_benchmark_counts_the_flops_of_all_devices(one_device_benchmark):
   """XLA's cost analysis describes one device's program (and a scan body once): over 4
   devices with 2 accumulation steps the global figure per image is still the same."""
-  sys.path.insert(0, os.path.join(REPO, 'scripts'))
-  import benchmark  # pylint: disable=import-outside-toplevel
+  benchmark = import_script('benchmark')
   from configs import mnist  # pylint: disable=import-outside-toplevel
   config = mnist.get_config()   # As _BENCH_FLAGS set it, plus accumulation.
   config.model.width_multiplier, config.dataset.image_size, config.batch_size = 0.25, 8, 128
@@ -58,8 +57,7 @@ def test_benchmark_counts_the_flops_of_all_devices(one_device_benchmark):
 
 
 def test_predict_prints_top_k_with_class_names(folder_config, tmp_path, caplog):
-  sys.path.insert(0, os.path.join(REPO, 'scripts'))
-  import predict  # pylint: disable=import-outside-toplevel
+  predict = import_script('predict')
   workdir = str(tmp_path / 'wd')
   train.train_and_evaluate(folder_config, workdir)
   folder = os.path.join(folder_config.dataset.data_dir, 'test', 'dog')
@@ -78,8 +76,7 @@ def test_predict_prints_top_k_with_class_names(folder_config, tmp_path, caplog):
 
 
 def test_predict_uses_config_json_and_names_a_mismatched_field(folder_config, tmp_path):
-  sys.path.insert(0, os.path.join(REPO, 'scripts'))
-  import predict  # pylint: disable=import-outside-toplevel
+  predict = import_script('predict')
   from resnet_jax import saved_config
   workdir = str(tmp_path / 'wd')
   folder_config.num_train_steps = 2

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import checkpointing, models, reporting, resume, train
+from resnet_jax import checkpointing, loop, models, reporting, resume, train
 from resnet_jax.errors import UserError
 from tests.conftest import tiny_config
 from tests.test_main import digest
@@ -21,6 +21,27 @@ def _params(workdir, step=None):
   ckpt = checkpointing.Checkpointer(workdir, read_only=True)
   state, _ = ckpt.restore(step if step is not None else ckpt.steps()[-1])
   return state
+
+
+def _count_train_steps(monkeypatch, after=None):
+  """Wraps the compiled train step: counts its calls and runs `after(n)` after call n."""
+  calls = []
+  original = train.Setup.steps
+
+  def steps(self):
+    train_step, eval_step = original(self)
+
+    def counted(state, batch):
+      out = train_step(state, batch)
+      calls.append(1)
+      if after is not None:
+        after(len(calls))
+      return out
+
+    return counted, eval_step
+
+  monkeypatch.setattr(train.Setup, 'steps', steps)
+  return calls
 
 
 def _assert_trees_equal(a, b):
@@ -79,19 +100,12 @@ def test_interrupted_run_resumes_to_bit_identical_parameters(folder_config, tmp_
   train.train_and_evaluate(folder_config, straight)
 
   resumed = str(tmp_path / 'resumed')
-  original_tick = reporting.Reporter.tick
-
-  def tick_and_signal(self, step):
-    original_tick(self, step)
-    if step == 3:
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  monkeypatch.setattr(reporting.Reporter, 'tick', tick_and_signal)
-  with pytest.raises(train.Preempted) as info:
-    train.train_and_evaluate(folder_config, resumed)
+  with monkeypatch.context() as m:
+    _count_train_steps(m, after=lambda n: n == 3 and os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(train.Preempted) as info:
+      train.train_and_evaluate(folder_config, resumed)
   assert info.value.step == 3
   assert checkpointing.Checkpointer(resumed, read_only=True).steps() == [3]
-  monkeypatch.setattr(reporting.Reporter, 'tick', original_tick)
   results = train.train_and_evaluate(folder_config, resumed)
   assert results['step'] == 6
   a, b = _params(straight), _params(resumed)
@@ -101,16 +115,111 @@ def test_interrupted_run_resumes_to_bit_identical_parameters(folder_config, tmp_
   _assert_trees_equal(a['opt_state'], b['opt_state'])
 
 
-def test_non_finite_loss_stops_without_writing_a_checkpoint(folder_config, tmp_path):
+def _no_reports(workdir):
+  return not any(os.path.exists(os.path.join(workdir, f)) for f in
+                 ('eval_results.json', 'confusion_matrix.png', 'training_curves.png'))
+
+
+def test_non_finite_loss_stops_within_one_step(folder_config, tmp_path, monkeypatch):
+  """lr 1e30: step 1 is finite, step 2's loss is not; the run stops at step 3, not at a log step."""
   folder_config.optimizer.learning_rate = 1e30
   folder_config.schedule.warmup_steps = 0
+  folder_config.num_train_steps = 20
+  folder_config.log_every_steps = 10
+  folder_config.checkpoint_every_steps = 0
+  workdir = str(tmp_path / 'wd')
+  calls = _count_train_steps(monkeypatch)
+  with pytest.raises(FloatingPointError) as info:
+    train.train_and_evaluate(folder_config, workdir)
+  assert len(calls) <= 3  # Step 2's loss is checked when step 3 is in flight.
+  message = str(info.value)
+  assert 'at step 2' in message and 'learning rate' in message and 'lower' in message, message
+  assert checkpointing.Checkpointer(workdir, read_only=True).steps() == []
+  assert _no_reports(workdir)
+
+
+def test_no_report_or_checkpoint_of_a_non_finite_model(folder_config, tmp_path):
+  """Evaluating after step 1 at lr 1e30: outputs are NaN; nothing of that model is written."""
+  folder_config.optimizer.learning_rate = 1e30
+  folder_config.schedule.warmup_steps = 0
+  folder_config.eval_every_steps = 1
   folder_config.log_every_steps = 1
   workdir = str(tmp_path / 'wd')
-  with pytest.raises(FloatingPointError, match='non-finite'):
+  with pytest.raises(FloatingPointError) as info:
     train.train_and_evaluate(folder_config, workdir)
-  for step in checkpointing.Checkpointer(workdir, read_only=True).steps():
-    state = _params(workdir, step)
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state['params']))
+  assert _no_reports(workdir)
+  assert checkpointing.Checkpointer(workdir, read_only=True).steps() == []
+  assert 'at step 1' in str(info.value)
+
+
+def test_zero_in_dataset_std_is_a_user_error(folder_config, tmp_path):
+  folder_config.dataset.std = (0.25, 0.0, 0.25)
+  with pytest.raises(UserError, match='config.dataset.std'):
+    train.train_and_evaluate(folder_config, str(tmp_path / 'wd'))
+  assert not os.path.exists(tmp_path / 'wd')
+
+
+def test_failing_evaluation_keeps_the_training_of_its_step(folder_config, tmp_path, monkeypatch):
+  """Eval at step 4 raises: step 4 is checkpointed anyway, without eval metrics."""
+  folder_config.eval_every_steps = 2
+  folder_config.checkpoint_every_steps = 0
+  workdir = str(tmp_path / 'wd')
+  original = train.Setup.evaluate
+
+  def evaluate(self, eval_step, state, data):
+    if int(jax.device_get(state['step'])) == 4:
+      raise RuntimeError('eval exploded')
+    return original(self, eval_step, state, data)
+
+  monkeypatch.setattr(train.Setup, 'evaluate', evaluate)
+  with pytest.raises(RuntimeError, match='eval exploded'):
+    train.train_and_evaluate(folder_config, workdir)
+  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
+  assert ckpt.steps() == [2, 4]
+  state, meta = ckpt.restore(4)
+  assert int(state['step']) == 4 and 'eval' not in meta  # Saved without eval metrics.
+  assert ckpt.restore(2)[1]['eval']['step'] == 2
+  monkeypatch.setattr(train.Setup, 'evaluate', original)
+  results = train.train_and_evaluate(folder_config, workdir)  # Resumes at 4: evaluates it.
+  assert results['step'] == 4
+
+
+def test_second_signal_unwinds_whatever_handler_was_there_before():
+  """The second Ctrl-C raises KeyboardInterrupt (so the lock is released), even when the
+  handler it replaced (main's start-up one) would have ended the process on the spot."""
+  before = []
+  old = signal.signal(signal.SIGINT, lambda *_: before.append(1))
+  try:
+    with loop.Preemption() as preempt:
+      os.kill(os.getpid(), signal.SIGINT)
+      assert preempt.signum == signal.SIGINT
+      with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100):  # The handler runs between bytecodes.
+          pass
+  finally:
+    signal.signal(signal.SIGINT, old)
+  assert not before
+
+
+def test_signal_before_the_first_step_stops_without_a_checkpoint(folder_config, tmp_path,
+                                                                  monkeypatch):
+  """Once the workdir is locked the loop's handler owns SIGINT: a Ctrl-C there is a clean stop."""
+  workdir = str(tmp_path / 'wd')
+  original = checkpointing.Checkpointer.__init__
+
+  def init(self, *args, read_only=False, **kwargs):
+    original(self, *args, read_only=read_only, **kwargs)
+    if not read_only:  # The checkpointer that writes: created after the lock.
+      os.kill(os.getpid(), signal.SIGINT)
+
+  monkeypatch.setattr(checkpointing.Checkpointer, '__init__', init)
+  calls = _count_train_steps(monkeypatch)
+  with pytest.raises(train.Preempted) as info:
+    train.train_and_evaluate(folder_config, workdir)
+  assert info.value.step == 0 and info.value.signum == signal.SIGINT and not calls
+  assert checkpointing.Checkpointer(workdir, read_only=True).steps() == []
+  assert not os.path.exists(os.path.join(workdir, 'run.lock'))
 
 
 def test_corrupt_newest_checkpoint_falls_back_then_retrains_and_saves_it(folder_config, tmp_path,
