@@ -7,7 +7,7 @@ forward pass (BatchNorm on its running averages) are inside; the parameters
 are baked in as constants, so an export needs neither this code base nor the
 checkpoint. The batch dimension is symbolic.
 
-Layout of an export directory (EXPORT_FILES names the pieces):
+Layout of an export directory:
 
   model.jaxexport   serialized jax.export.Exported (StableHLO), CPU/CUDA/TPU
   saved_model/1/    TensorFlow SavedModel, signature `serving_default`
@@ -37,15 +37,16 @@ from resnet_jax.exported import CARD_JSON, JAX_EXPORT_FILE, LABELS_FILE
 FORMAT_VERSION = 1
 SAVED_MODEL_DIR = os.path.join('saved_model', '1')  # TF Serving wants <base>/<version>/.
 CARD_MD = 'MODEL_CARD.md'
-# cpu and cuda are what we test; tpu lowers too (jax.export cross-lowers without the device).
+# jax.export lowers for devices it does not have; the tests run the cpu lowering.
 PLATFORMS = ('cpu', 'cuda', 'tpu')
 SIGNATURE_INPUT = 'images'
 SIGNATURE_OUTPUT = 'probabilities'
 
 ONNX_NOT_WRITTEN = (
-    'not written: jax2onnx 0.17.1 (the current release) requires orbax-checkpoint<0.11.37, and '
-    'this project pins orbax-checkpoint 0.12.8 for its checkpoints; installing it would '
-    'downgrade the checkpoint library, so no ONNX converter is installed')
+    'not written: jax2onnx 0.17.1 (the current release) requires orbax-checkpoint<0.11.37, which '
+    'would downgrade the pinned orbax-checkpoint 0.12.8, so no converter is installed; tried in a '
+    'scratch environment (--no-deps), it converts this ResNet but onnxruntime 1.32.0 refuses the '
+    'graph (ShapeInferenceError: Incompatible dimensions at a residual Add, NCHW vs NHWC shapes)')
 
 
 @dataclasses.dataclass
@@ -205,7 +206,7 @@ def model_card(trained: Trained, formats: dict[str, Any]) -> dict[str, Any]:
           'stem': cfg.model.get('stem', '') or (arch.default_stem if arch else ''),
           'width_multiplier': float(cfg.model.get('width_multiplier', 1.0)),
           'dtype': cfg.model.get('dtype', 'float32'),
-          'num_params': int(sum(x.size for x in _leaves(trained.variables['params']))),
+          'num_params': models.param_count(trained.variables['params']),
       },
       'dataset': {'name': ds.name, 'data_dir': ds.get('data_dir', ''),
                   'train_split': ds.get('train_split', ''), 'eval_split': ds.get('eval_split', ''),
@@ -231,11 +232,6 @@ def model_card(trained: Trained, formats: dict[str, Any]) -> dict[str, Any]:
       'versions': _versions('saved_model' in formats),
       'formats': formats,
   }
-
-
-def _leaves(tree: Any) -> list[Any]:
-  import jax
-  return jax.tree.leaves(tree)
 
 
 def card_markdown(card: dict[str, Any]) -> str:
@@ -312,6 +308,9 @@ def export_model(workdir: str, output: str, which: str = 'best', overwrite: bool
   parent = os.path.dirname(output)
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix='.export-', dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide the export from servers.
   try:
     with open(os.path.join(staging, JAX_EXPORT_FILE), 'wb') as f:
       f.write(exported.serialize())

@@ -121,6 +121,8 @@ def decode_image(data: bytes, size: int, resize_size: int = 0,
     image = tf.io.decode_image(data, channels=3, expand_animations=False)
   except (tf.errors.OpError, ValueError):
     raise ImageError('not a decodable JPEG, PNG, GIF or BMP image') from None
+  if tuple(image.shape[:2]) == (size, size) and not (centre_crop and resize_size > size):
+    return image.numpy()  # Resizing to its own size is the identity: skip the work.
   image = resize_like_eval(tf, tf.cast(image, tf.float32), size, resize_size, centre_crop)
   return np.clip(np.round(image.numpy()), 0, 255).astype(np.uint8)
 

@@ -5,8 +5,9 @@ image/png) or one or more images as multipart/form-data files, and answers
 `{"results": [{"file": name|null, "top_k": [{"label", "probability"}, ...]}]}`
 (`?top_k=N` overrides the default). Images from concurrent requests are
 classified together: a `Batcher` gathers them up to `max_batch`, waiting at
-most `max_wait_ms` after the first, and pads each batch to a power of two so
-the exported function compiles for a handful of sizes only (all at start-up).
+most `max_wait_ms` for requests still decoding their images, and pads each
+batch to a power of two so the exported function compiles for a handful of
+sizes only (all at start-up).
 
 Bad requests get a 4xx JSON `{"error": ...}` and never stop the server: a
 content type other than those above (415), an empty body (400), bytes that are
@@ -37,7 +38,7 @@ RAW_TYPES = ('image/jpeg', 'image/png')
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
   max_batch: int = 32          # Images per forward pass, at most.
-  max_wait_ms: float = 5.0     # How long the first image of a batch waits for company.
+  max_wait_ms: float = 5.0     # How long a batch may wait for images still being decoded.
   max_body_bytes: int = 10 * 2**20
   max_files: int = 32          # Files in one multipart request.
   top_k: int = 5
@@ -84,11 +85,13 @@ def _buckets(max_batch: int) -> list[int]:
 
 
 class Batcher:
-  """Feeds single images from concurrent requests to `predict` in batches.
+  """Feeds images from concurrent requests to `predict` in batches.
 
-  One worker task takes the first queued image, then more until `max_batch`
-  or until `max_wait_s` has passed, and runs `predict` in its own thread so
-  the event loop keeps accepting requests meanwhile.
+  One worker task takes the first queued image, then every queued one up to
+  `max_batch`; it waits (at most `max_wait_s`) for more only while requests
+  announced by `expect` are still decoding, so a lone request never waits. It
+  runs `predict` in its own thread, and the event loop keeps accepting
+  requests meanwhile.
   """
 
   def __init__(self, predict: Callable[[np.ndarray], np.ndarray], max_batch: int,
@@ -96,6 +99,7 @@ class Batcher:
     self.predict, self.max_batch, self.max_wait_s = predict, max_batch, max_wait_s
     self.on_batch = on_batch
     self.sizes = _buckets(max_batch)
+    self.expected = 0  # Images announced by requests, not queued yet.
     self._queue: asyncio.Queue | None = None
     self._task: asyncio.Task | None = None
     self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='model')
@@ -123,11 +127,17 @@ class Batcher:
         await self._task
     self._executor.shutdown(wait=True)
 
-  async def classify(self, image: np.ndarray) -> np.ndarray:
-    """Probabilities for one image, computed in whatever batch it lands in."""
-    future = asyncio.get_running_loop().create_future()
-    await self._queue.put((image, future))
-    return await future
+  def expect(self, n: int) -> None:
+    """n images are on their way (negative: they arrived, or never will)."""
+    self.expected += n
+
+  async def classify(self, images: list[np.ndarray]) -> list[np.ndarray]:
+    """Probabilities for each image, computed in whatever batches they land in."""
+    loop = asyncio.get_running_loop()
+    futures = [loop.create_future() for _ in images]
+    for image, future in zip(images, futures):  # All queued before anything else runs.
+      self._queue.put_nowait((image, future))
+    return list(await asyncio.gather(*futures))
 
   async def _collect(self) -> list[tuple[np.ndarray, asyncio.Future]]:
     loop = asyncio.get_running_loop()
@@ -138,7 +148,7 @@ class Batcher:
         items.append(self._queue.get_nowait())
         continue
       remaining = deadline - loop.time()
-      if remaining <= 0:
+      if self.expected <= 0 or remaining <= 0:
         break
       try:
         items.append(await asyncio.wait_for(self._queue.get(), remaining))
@@ -266,8 +276,12 @@ def create_app(classifier: exported.Classifier, config: ServerConfig = ServerCon
     try:
       k = top_k_of(request)
       files = await read_images(request, config)
-      images = await asyncio.gather(*(decode(name, data) for name, data in files))
-      probs = await asyncio.gather(*(batcher.classify(image) for image in images))
+      batcher.expect(len(files))  # The batch now forming may wait for these.
+      try:
+        images = await asyncio.gather(*(decode(name, data) for name, data in files))
+      finally:
+        batcher.expect(-len(files))
+      probs = await batcher.classify(images)
       results = [{'file': name, 'top_k': [{'label': label, 'probability': p} for label, p in
                                           exported.top_k(row, classifier.class_names, k)]}
                  for (name, _), row in zip(files, probs)]

@@ -25,7 +25,8 @@ flags.DEFINE_string('exported', None, 'An export directory written by scripts/ex
 flags.DEFINE_string('host', '127.0.0.1', 'Address to bind (0.0.0.0 to accept other machines).')
 flags.DEFINE_integer('port', 8000, 'TCP port.')
 flags.DEFINE_integer('max_batch', 32, 'Images per forward pass, at most.')
-flags.DEFINE_float('max_wait_ms', 5.0, 'How long a batch waits for more images after its first.')
+flags.DEFINE_float('max_wait_ms', 5.0, 'How long a batch may wait for images still being '
+                   'decoded by other requests.')
 flags.DEFINE_integer('max_body_bytes', 10 * 2**20, 'Largest request body accepted.')
 flags.DEFINE_integer('max_files', 32, 'Most files in one multipart request.')
 flags.DEFINE_integer('top_k', 5, 'Classes per image in the answer (?top_k=N overrides).')

@@ -213,18 +213,21 @@ def test_oversized_body_is_refused_before_it_is_read(server):
   assert httpx.get(f'{url}/healthz').status_code == 200
 
 
-def test_batcher_fills_batches_up_to_max_batch_and_returns_each_its_row():
-  seen, sizes = [], []
-
+def _fake_model(seen):
   def predict(batch):
     seen.append(len(batch))
     return batch.reshape(len(batch), -1)[:, :1].astype(np.float32)  # Row i = image i's value.
+  return predict
+
+
+def test_batcher_fills_batches_up_to_max_batch_and_returns_each_its_row():
+  seen, sizes = [], []
 
   async def run():
-    batcher = serving.Batcher(predict, max_batch=4, max_wait_s=0.05, on_batch=sizes.append)
+    batcher = serving.Batcher(_fake_model(seen), max_batch=4, max_wait_s=0.05,
+                              on_batch=sizes.append)
     await batcher.start()
-    images = [np.full((2, 2, 3), i, np.uint8) for i in range(11)]
-    results = await asyncio.gather(*(batcher.classify(im) for im in images))
+    results = await batcher.classify([np.full((2, 2, 3), i, np.uint8) for i in range(11)])
     await batcher.stop()
     return results
 
@@ -232,6 +235,28 @@ def test_batcher_fills_batches_up_to_max_batch_and_returns_each_its_row():
   assert [float(r[0]) for r in results] == list(range(11))
   assert sizes == [4, 4, 3]  # All eleven were queued before the first batch ran.
   assert seen == [4, 4, 4]   # The last batch is padded to a compiled size.
+
+
+def test_batcher_waits_only_for_images_on_their_way():
+  sizes = []
+
+  async def run():
+    batcher = serving.Batcher(_fake_model([]), max_batch=8, max_wait_s=60, on_batch=sizes.append)
+    await batcher.start()
+    # Alone: answered at once, not after max_wait_s.
+    await asyncio.wait_for(batcher.classify([np.zeros((2, 2, 3), np.uint8)]), 10)
+    batcher.expect(1)  # A second request is still decoding: the batch waits for it.
+    first = asyncio.create_task(batcher.classify([np.ones((2, 2, 3), np.uint8)]))
+    await asyncio.sleep(0.01)
+    batcher.expect(-1)
+    second = batcher.classify([np.full((2, 2, 3), 2, np.uint8)])
+    results = await asyncio.wait_for(asyncio.gather(first, second), 10)
+    await batcher.stop()
+    return results
+
+  results = asyncio.run(run())
+  assert [float(r[0][0]) for r in results] == [1, 2]
+  assert sizes == [1, 2]
 
 
 def test_serve_cli_bad_input_is_one_line(tmp_path):
