@@ -1,10 +1,13 @@
 """Prints the top-k classes with probabilities for images, using a trained workdir.
 
   python scripts/predict.py --workdir=/tmp/run photo1.jpg photo2.png some_folder/
+  python scripts/predict.py --exported=/tmp/export photo1.jpg
 
 The model, preprocessing and class names come from the workdir (config.json and
 the checkpoint), so predictions see images exactly as evaluation did.
-`--config=FILE` replaces config.json; `--config.x=y` overrides either.
+`--config=FILE` replaces config.json; `--config.x=y` overrides either. With
+--exported they come from an export of scripts/export.py instead (no model code
+and no checkpoint involved); images are resized the same way, then rounded to uint8.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ flags.DEFINE_string('workdir', None, 'A workdir written by resnet_jax.main.')
 flags.DEFINE_integer('top_k', 5, 'How many classes to print per image.')
 flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint to use.')
 flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.')
+flags.DEFINE_string('exported', None, 'An export directory of scripts/export.py (instead of '
+                    '--workdir).')
 FLAGS = flags.FLAGS
 
 
@@ -101,20 +106,49 @@ def predict(workdir: str, paths: list[str], top_k: int = 5, which: str = 'best',
   return results
 
 
+def predict_exported(export_dir: str, paths: list[str], top_k: int = 5,
+                     batch_size: int = 32) -> list[tuple[str, list[tuple[str, float]]]]:
+  """predict() from an export directory: the same output, computed by the exported function."""
+  import logging
+
+  import numpy as np
+
+  from resnet_jax import exported
+
+  classifier = exported.load(export_dir)
+  images, kept = [], []
+  for path in list_images(paths):
+    try:
+      with open(path, 'rb') as f:
+        images.append(classifier.decode_image(f.read()))
+      kept.append(path)
+    except (OSError, exported.ImageError) as e:
+      logging.warning('Skipping unreadable image %s (%s)', path, e)
+  results = []
+  for i in range(0, len(images), batch_size):
+    probs = classifier(np.stack(images[i:i + batch_size]))
+    results += [(path, exported.top_k(p, classifier.class_names, top_k))
+                for path, p in zip(kept[i:i + batch_size], probs)]
+  return results
+
+
 def main(argv):
   from resnet_jax import console
   from resnet_jax.errors import UserError
   console.quiet_libraries()  # No Orbax INFO, no "directory is read only".
   console.import_tensorflow_quietly()
-  if not FLAGS.workdir:
-    print('error: --workdir is required', file=sys.stderr)
+  if bool(FLAGS.workdir) == bool(FLAGS.exported):
+    print('error: give exactly one of --workdir and --exported', file=sys.stderr)
     sys.exit(2)
   if len(argv) < 2:
     print('error: give image files or folders after the flags', file=sys.stderr)
     sys.exit(2)
   try:
-    results = predict(FLAGS.workdir, argv[1:], FLAGS.top_k, FLAGS.checkpoint, FLAGS.batch_size,
-                      FLAGS.config)
+    if FLAGS.exported:
+      results = predict_exported(FLAGS.exported, argv[1:], FLAGS.top_k, FLAGS.batch_size)
+    else:
+      results = predict(FLAGS.workdir, argv[1:], FLAGS.top_k, FLAGS.checkpoint,
+                        FLAGS.batch_size, FLAGS.config)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import checkpointing, loop, models, reporting, resume, train
+from resnet_jax import checkpointing, loop, models, resume, train
 from resnet_jax.errors import UserError
 from tests.conftest import tiny_config
 from tests.test_main import digest
