@@ -124,6 +124,10 @@ def _steps_on_disk(workdir: str) -> list[int]:
   return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
+def has_checkpoints(workdir: str) -> bool:
+  return bool(_steps_on_disk(workdir))
+
+
 def restore_or_init(config: Any, workdir: str, setup: Any, class_names: list[str]
                     ) -> tuple[int, Any]:
   """The start step and the host state a training run starts from; writes nothing.

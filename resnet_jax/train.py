@@ -241,12 +241,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   from resnet_jax import input_pipeline, loop, reporting  # TensorFlow lives here.
   from resnet_jax import workdir as workdir_lib
 
-  validate_config(config)
-  data = input_pipeline.create_data(config)
+  data = _data_and_weights(config, workdir)
   info = data.info
   setup = Setup(config, info.num_classes, info.num_train, info.image_size)
   input_pipeline.check_steps_per_epoch(info.num_train, int(config.batch_size))
-  workdir_lib.check_writable(workdir)
   # Reads checkpoints (or finetune.init_from, only for a fresh start); writes nothing.
   start_step, state = resume.restore_or_init(config, workdir, setup, info.class_names)
   train_step, eval_step = setup.steps()
@@ -275,6 +273,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           ckpt_every=int(config.checkpoint_every_steps) or total,
           global_batch=int(config.batch_size), lead=lead,
       ).run(state, train_iter, start_step, preempt)
+
+
+def _data_and_weights(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """The data, after the cheap checks; a missing dataset and missing weights named together.
+
+  Config, workdir and weights are checked first (about a second, and at most one
+  bounded request for weights that are not cached), so a bad setting does not
+  wait for a dataset to load. The weights matter only for a fresh start: a
+  resume does not read `finetune.init_from`.
+  """
+  from resnet_jax import input_pipeline, pretrained
+  from resnet_jax import workdir as workdir_lib
+  validate_config(config)
+  workdir_lib.check_writable(workdir)
+  weights = None if resume.has_checkpoints(workdir) else pretrained.check_source(config)
+  try:
+    data = input_pipeline.create_data(config)
+  except UserError as e:
+    raise UserError(f'{e}; {weights}' if weights else str(e)) from None
+  if weights:
+    raise UserError(weights)
+  return data
 
 
 def _first_writes(config: ml_collections.ConfigDict, workdir: str, info: Any, setup: Setup,
