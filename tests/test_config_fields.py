@@ -72,8 +72,8 @@ def test_help_exits_zero_and_runs_from_any_directory(tmp_path):
 def test_pyproject_declares_every_requirement():
   with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
     project = tomllib.load(f)['project']
-  declared = {re.split(r'[<>=!~\[ ]', d)[0].lower().replace('_', '-')
-              for d in project['dependencies'] + project['optional-dependencies']['test']}
+  every = project['dependencies'] + sum(project['optional-dependencies'].values(), [])
+  declared = {re.split(r'[<>=!~\[ ]', d)[0].lower().replace('_', '-') for d in every}
   with open(os.path.join(REPO, 'requirements.txt')) as f:
     pinned = {re.split(r'[<>=!~\[ ]', l)[0].lower().replace('_', '-') for l in f
               if l.strip() and not l.startswith('#')}
