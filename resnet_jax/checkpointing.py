@@ -180,6 +180,12 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
+  def __enter__(self) -> 'Checkpointer':
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()
+
 
 def find_checkpoint_root(path: str) -> tuple[str, int | None]:
   """Accepts a workdir, its `checkpoints/` folder, or one `checkpoints/<step>` folder."""
@@ -198,17 +204,17 @@ def find_checkpoint_root(path: str) -> tuple[str, int | None]:
 def load_variables(path: str) -> dict[str, Any]:
   """Reads params and batch_stats (only) from one of this project's checkpoints."""
   workdir, step = find_checkpoint_root(path)
-  ckpt = Checkpointer(workdir, read_only=True)
-  if step is None:
-    steps = ckpt.steps()
-    if not steps:
-      raise UserError(f'config.finetune.init_from: no checkpoint in {workdir}')
-    step = steps[-1]
-  try:
-    state, _ = ckpt.restore(step)
-  except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f'config.finetune.init_from: cannot read checkpoint {step} in {workdir}: '
-                    f'{type(e).__name__}') from None
+  with Checkpointer(workdir, read_only=True) as ckpt:
+    if step is None:
+      steps = ckpt.steps()
+      if not steps:
+        raise UserError(f'config.finetune.init_from: no checkpoint in {workdir}')
+      step = steps[-1]
+    try:
+      state, _ = ckpt.restore(step)
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f'config.finetune.init_from: cannot read checkpoint {step} in '
+                      f'{workdir}: {type(e).__name__}') from None
   return {'params': state['params'], 'batch_stats': state.get('batch_stats', {})}
 
 

@@ -153,9 +153,8 @@ def describe_init(init_from: str, cache_dir: str = '') -> str:
   except Exception:  # pylint: disable=broad-except
     return init_from
   if step is None:
-    ckpt = checkpointing.Checkpointer(root, read_only=True)
-    steps = ckpt.steps()
-    ckpt.close()
+    from resnet_jax import resume  # pylint: disable=import-outside-toplevel
+    steps = resume.steps_on_disk(root)
     step = steps[-1] if steps else None
   return f'checkpoint step {step} of {root}'
 

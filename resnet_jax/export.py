@@ -75,24 +75,15 @@ def load_trained(workdir: str, which: str = 'best') -> Trained:
   config_path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(config_path):
     raise UserError(f'--workdir: {workdir} has no config.json (not a resnet_jax workdir?)')
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(ckpt_dir) or not os.listdir(ckpt_dir):
-    raise UserError(f'--workdir: no checkpoint in {ckpt_dir}')
-  from resnet_jax import checkpointing, saved_config  # After the cheap checks: JAX, Orbax.
+  from resnet_jax import resume, saved_config  # After the cheap checks: JAX, Orbax.
   config = saved_config.load(workdir)
-  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
-  try:
-    restored = ckpt.restore_newest_valid(which=which)
-  finally:
-    ckpt.manager.close()
-  if restored is None:
-    raise UserError(f'--workdir: no readable checkpoint in {ckpt_dir}')
-  step, state, meta = restored
+  step, variables, meta = resume.restore_variables(
+      config, workdir, which, None, None, '--workdir',
+      'export with the config it was trained with')
   class_names = [str(c) for c in meta.get('class_names') or []]
   if not class_names:
-    raise UserError(f'--workdir: checkpoint {step} in {ckpt_dir} names no classes '
+    raise UserError(f'--workdir: checkpoint {step} in {workdir} names no classes '
                     '(a converted pretrained checkpoint, not a trained classifier?)')
-  variables = {'params': state['params'], 'batch_stats': state.get('batch_stats', {})}
   return Trained(workdir, config, int(step), which, variables, class_names, dict(meta))
 
 

@@ -63,11 +63,15 @@ def resolve_config_path(path: str) -> str:
   return candidate + sep + arg if os.path.isfile(candidate) else path
 
 
-def _config_file_arg(argv: list[str]) -> tuple[int, str] | None:
+def _config_file_arg(argv: list[str]) -> tuple[int, int, str] | None:
+  """(first index, end index, path) of `--config=PATH` or `--config PATH` (the last wins)."""
+  found = None
   for i, arg in enumerate(argv):
-    if arg.startswith('--config='):
-      return i, arg.split('=', 1)[1]
-  return None
+    if arg.startswith(('--config=', '-config=')):
+      found = (i, i + 1, arg.split('=', 1)[1])
+    elif arg in ('--config', '-config') and i + 1 < len(argv):
+      found = (i, i + 2, argv[i + 1])
+  return found
 
 
 def _unknown_override(argv: list[str]) -> str | None:
@@ -97,8 +101,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   _CONFIG_FROM_FILE = found is not None
   config_path = None
   if found is not None:
-    config_path = resolve_config_path(found[1])
-    argv = argv[:found[0]] + [f'--config={config_path}'] + argv[found[0] + 1:]
+    config_path = resolve_config_path(found[2])
+    argv = argv[:found[0]] + [f'--config={config_path}'] + argv[found[1]:]
   try:
     return FLAGS(saved_config.with_saved_config(argv))
   except flags.Error as e:
@@ -152,9 +156,10 @@ def main(argv: list[str]) -> None:
   except train.Preempted as e:
     print(f'preempted: {e}', file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)
-  except KeyboardInterrupt:  # A second Ctrl-C while training: stopped without saving.
-    print('interrupted: stopped without saving this step; rerun the same command to resume '
-          'from the last checkpoint', file=sys.stderr, flush=True)
+  except KeyboardInterrupt:  # A second Ctrl-C while training: stopped at once.
+    print('interrupted: stopped at once (a checkpoint of this step exists only if one was being '
+          'written); rerun the same command to resume from the last checkpoint',
+          file=sys.stderr, flush=True)
     sys.exit(130)
   except FloatingPointError as e:
     _fail(str(e), code=3)

@@ -20,6 +20,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 
 from resnet_jax import checkpointing
 from resnet_jax.errors import UserError
@@ -28,13 +29,21 @@ MODEL_FIELDS = ('model.name', 'model.stem', 'model.width_multiplier')
 # 'group.*' stands for every field of the group.
 RESUME_FIELDS = ('seed', 'batch_size', 'num_train_steps', 'num_epochs', 'grad_accum_steps',
                  'optimizer.*', 'schedule.*', 'dataset.name', 'dataset.train_split',
-                 'dataset.eval_split', 'dataset.classes')
+                 'dataset.eval_split', 'dataset.classes', 'finetune.freeze',
+                 'finetune.freeze_stages', 'finetune.head_lr_multiplier',
+                 'finetune.lr_multipliers')
+# Changing these changes the optimizer state's layout (its partition or its transforms).
+OPTIMIZER_LAYOUT_PREFIXES = ('config.optimizer.', 'config.finetune.')
 
 
-def run_fields(config: Any) -> dict[str, Any]:
-  """{'model.name': ..., 'optimizer.learning_rate': ...} as JSON values, from a config or its JSON."""
+def run_fields(config: Any, num_train: int | None = None) -> dict[str, Any]:
+  """{'model.name': ..., 'optimizer.learning_rate': ...} as JSON values, from a config or its JSON.
+
+  `num_train`, the training split's size, fixes the data order and (with
+  `num_epochs`) the run's length as much as any config field does.
+  """
   tree = config.to_dict() if hasattr(config, 'to_dict') else config
-  flat: dict[str, Any] = {}
+  flat: dict[str, Any] = {} if num_train is None else {'data.num_train': int(num_train)}
   for field in MODEL_FIELDS + RESUME_FIELDS:
     if field.endswith('.*'):
       group = field[:-2]
@@ -82,9 +91,10 @@ def check_classes(class_names: list[str], meta: dict[str, Any], step: int, workd
                     f'{len(saved)} ({short(saved)}); {hint}')
 
 
-def resume_changes(config: Any, meta: dict[str, Any], workdir: str) -> list[str]:
+def resume_changes(config: Any, meta: dict[str, Any], workdir: str,
+                   num_train: int | None = None) -> list[str]:
   """'config.<field> (checkpoint A, now B)' for each setting that differs from the checkpoint's."""
-  saved, mine = saved_fields(meta, workdir), run_fields(config)
+  saved, mine = saved_fields(meta, workdir), run_fields(config, num_train)
   fields = [f for f in mine if f not in MODEL_FIELDS and f in saved]
   fields += [f for f in saved if f not in MODEL_FIELDS and f not in mine]  # Removed since.
   steps_win = all(isinstance(d.get('num_train_steps'), int) and d['num_train_steps'] > 0
@@ -94,29 +104,33 @@ def resume_changes(config: Any, meta: dict[str, Any], workdir: str) -> list[str]
     if field == 'num_epochs' and steps_win:
       continue  # num_train_steps decides the length in both runs.
     if saved.get(field) != mine.get(field):
-      changes.append(f'config.{field} (checkpoint {saved.get(field)!r}, now {mine.get(field)!r})')
+      name = 'the training split size' if field == 'data.num_train' else f'config.{field}'
+      changes.append(f'{name} (checkpoint {saved.get(field)!r}, now {mine.get(field)!r})')
   return changes
 
 
 def check_resume(config: Any, class_names: list[str], meta: dict[str, Any], step: int,
-                 workdir: str) -> None:
-  """A training run may continue from this checkpoint (see the module docstring)."""
+                 workdir: str, num_train: int | None = None) -> list[str]:
+  """A training run may continue from this checkpoint (see the module docstring).
+
+  Returns the changes the user allowed (`allow_resume_changes`), if any.
+  """
   hint = 'use a new workdir'
   check_model(config, meta, step, workdir, hint)
   check_classes(class_names, meta, step, workdir, hint)
-  changes = resume_changes(config, meta, workdir)
+  changes = resume_changes(config, meta, workdir, num_train)
   if not changes:
-    return
+    return []
   if config.get('allow_resume_changes', False):
     logging.warning('Resuming from step %d with changed settings (allow_resume_changes): %s',
                     step, '; '.join(changes))
-    return
+    return changes
   raise UserError(f'{"; ".join(changes)}: differ from {_where(step, workdir)}, so resuming would '
                   'change the data order or the learning-rate schedule; rerun with the saved '
                   'values, use a new workdir, or pass --config.allow_resume_changes=True')
 
 
-def _steps_on_disk(workdir: str) -> list[int]:
+def steps_on_disk(workdir: str) -> list[int]:
   """Committed step folders, read without opening (or creating) anything."""
   directory = checkpointing.checkpoint_dir(workdir)
   if not os.path.isdir(directory):
@@ -125,55 +139,104 @@ def _steps_on_disk(workdir: str) -> list[int]:
 
 
 def has_checkpoints(workdir: str) -> bool:
-  return bool(_steps_on_disk(workdir))
+  return bool(steps_on_disk(workdir))
 
 
-def restore_or_init(config: Any, workdir: str, setup: Any, class_names: list[str]
-                    ) -> tuple[int, Any]:
+def restore_or_init(config: Any, workdir: str, setup: Any, class_names: list[str],
+                    num_train: int | None = None) -> tuple[int, Any]:
   """The start step and the host state a training run starts from; writes nothing.
 
   A workdir with checkpoints continues from its newest readable one that fits
   the config (`check_resume`). `finetune.init_from` is read only for a fresh
-  start, so a resume does not depend on that file still existing. The caller
-  sets aside the unreadable newer steps (`Checkpointer.set_aside_steps_after`)
-  once it holds the workdir, so their steps are retrained and saved again.
+  start, so a resume does not depend on that file still existing. An allowed
+  change of the optimizer or of what is frozen changes the optimizer state's
+  layout: then the parameters and statistics are restored and the optimizer
+  state starts afresh, with a warning. The caller sets aside the unreadable
+  newer steps (`Checkpointer.set_aside_steps_after`) once it holds the
+  workdir, so their steps are retrained and saved again.
   """
   from resnet_jax import pretrained
-  if not _steps_on_disk(workdir):
+  if not steps_on_disk(workdir):
     return 0, setup.make_state(pretrained.initial_variables(config, setup.fresh_variables))
+  allowed: list[str] = []
+
+  def check(step: int, meta: dict[str, Any]) -> None:
+    allowed[:] = check_resume(config, class_names, meta, step, workdir, num_train)
+
   reader = checkpointing.Checkpointer(workdir, read_only=True)
   try:
     abstract = jax.device_get(setup.make_state(setup.fresh_variables))
-    restored = reader.restore_newest_valid(
-        abstract, check_meta=lambda step, meta: check_resume(config, class_names, meta, step,
-                                                             workdir))
+    relayout = bool(config.get('allow_resume_changes', False)) and any(
+        c.startswith(OPTIMIZER_LAYOUT_PREFIXES)
+        for c in resume_changes(config, _newest_meta(reader), workdir, num_train))
+    restored = reader.restore_newest_valid(None if relayout else abstract, check_meta=check)
     if restored is None:
       raise UserError(f'workdir {workdir}: none of its checkpoints {reader.steps()} can be '
                       'restored into this model; refusing to start over there (use a new workdir)')
   finally:
     reader.close()
   step, state, _ = restored
+  if relayout or any(c.startswith(OPTIMIZER_LAYOUT_PREFIXES) for c in allowed):
+    variables = _variables_that_fit(state, setup.fresh_variables, step, workdir)
+    state = setup.make_state(variables)
+    state['step'] = np.asarray(step, np.int32)
+    logging.warning('The optimizer or what is frozen changed (allow_resume_changes): parameters '
+                    'and statistics of step %d are kept, the optimizer state starts afresh.', step)
   return step, state
 
 
-def restore_for_eval(config: Any, workdir: str, abstract_state: Any, class_names: list[str],
-                     which: str) -> tuple[int, Any]:
-  """(step, host state) of the best or newest readable checkpoint that fits the config."""
-  hint = ('evaluate with the config it was trained with (leave out --config to use the '
-          "workdir's config.json)")
-  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
+def _newest_meta(reader: checkpointing.Checkpointer) -> dict[str, Any]:
+  for step in reader.steps()[::-1]:
+    try:
+      return reader.read_meta(step)
+    except Exception:  # pylint: disable=broad-except
+      continue  # Unreadable: restore_newest_valid will say so.
+  return {}
+
+
+def _variables_that_fit(state: Any, fresh: dict[str, Any], step: int, workdir: str
+                        ) -> dict[str, Any]:
+  """{'params', 'batch_stats'} of a restored state, checked name by name against the model's."""
+  variables = {'params': state['params'], 'batch_stats': state.get('batch_stats', {})}
+  report = checkpointing.compare_trees(variables, fresh, dont_load='')
+  if report.errors():
+    shown = '; '.join(report.errors()[:5])
+    raise UserError(f'{_where(step, workdir)} does not fit this model ({report.summary()}): '
+                    f'{shown}; use the config it was trained with')
+  return checkpointing.merge_loaded(variables, fresh, report)
+
+
+def restore_variables(config: Any, workdir: str, which: str, class_names: list[str] | None,
+                      fresh: dict[str, Any] | None, flag: str, hint: str
+                      ) -> tuple[int, dict[str, Any], dict[str, Any]]:
+  """(step, {'params', 'batch_stats'}, meta) of the best or newest readable checkpoint.
+
+  For evaluation, prediction and export: only the model's variables are read,
+  so a checkpoint restores whatever optimizer it was trained with. The model's
+  shape and classes are checked against the checkpoint's meta first, then the
+  variables name by name against `fresh` (the model's own initial variables),
+  when the caller has them.
+  """
+  directory = checkpointing.checkpoint_dir(workdir)
+  if not steps_on_disk(workdir):
+    raise UserError(f'{flag}: no checkpoint in {directory}')
 
   def check(step: int, meta: dict[str, Any]) -> None:
     check_model(config, meta, step, workdir, hint)
-    check_classes(class_names, meta, step, workdir, hint)
+    if class_names is not None:
+      check_classes(class_names, meta, step, workdir, hint)
 
+  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
   try:
-    restored = ckpt.restore_newest_valid(abstract_state, which=which, check_meta=check)
+    restored = ckpt.restore_newest_valid(None, which=which, check_meta=check)
   finally:
     ckpt.close()
   if restored is None:
-    raise UserError(f'--mode=eval: no readable checkpoint in {ckpt.directory}')
-  return restored[0], restored[1]
+    raise UserError(f'{flag}: no readable checkpoint in {directory}')
+  step, state, meta = restored
+  if fresh is None:
+    return step, {'params': state['params'], 'batch_stats': state.get('batch_stats', {})}, meta
+  return step, _variables_that_fit(state, fresh, step, workdir), meta
 
 
 def writable(workdir: str) -> bool:

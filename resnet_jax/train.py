@@ -217,8 +217,11 @@ class Setup:
         float(self.config.get('label_smoothing', 0.0)),
         int(self.config.get('grad_accum_steps', 1)), self.dropout_rng,
         trainable=optim.trainable_mask(self.spec, self.fresh_variables['params']))
-    eval_step = make_eval_step(self.eval_model, self.num_classes)
-    return self.par.compile(train_step), self.par.compile(eval_step, donate_state=False)
+    return self.par.compile(train_step), self.eval_step()
+
+  def eval_step(self):
+    return self.par.compile(make_eval_step(self.eval_model, self.num_classes),
+                            donate_state=False)
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
@@ -246,7 +249,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   setup = Setup(config, info.num_classes, info.num_train, info.image_size)
   input_pipeline.check_steps_per_epoch(info.num_train, int(config.batch_size))
   # Reads checkpoints (or finetune.init_from, only for a fresh start); writes nothing.
-  start_step, state = resume.restore_or_init(config, workdir, setup, info.class_names)
+  seen = resume.steps_on_disk(workdir)
+  start_step, state = resume.restore_or_init(config, workdir, setup, info.class_names,
+                                             info.num_train)
   train_step, eval_step = setup.steps()
   train_iter = _train_batches(config, data, setup, start_step)  # Its own checks, no writes.
   summary = setup.spec.summary(state['params'])
@@ -254,13 +259,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   lead = jax.process_index() == 0
 
   with loop.Preemption() as preempt, workdir_lib.Lock(workdir, enabled=lead):
+    if resume.steps_on_disk(workdir) != seen:  # Another run saved between our read and lock.
+      raise UserError(f'--workdir: its checkpoints changed while this run was starting '
+                      f'({seen} -> {resume.steps_on_disk(workdir)}); another run used it; rerun')
     if lead:
       _first_writes(config, workdir, info, setup, summary, start_step)
     total = setup.total_steps
     # closing(): also on errors, an in-flight asynchronous save finishes.
     with contextlib.closing(checkpointing.Checkpointer(
         workdir, keep=int(config.get('keep_checkpoints', 2)),
-        run_meta={'run': resume.run_fields(config)})) as ckpt, contextlib.closing(
+        run_meta={'run': resume.run_fields(config, info.num_train)})) as ckpt, contextlib.closing(
             reporting.Reporter(workdir, info.class_names, total)) as rep:
       if start_step:
         ckpt.set_aside_steps_after(start_step)  # Unreadable newer steps: retrained, saved again.
@@ -332,30 +340,32 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
                         report_dir: str | None = None) -> dict[str, Any]:
   """--mode=eval: evaluates the newest (or best) checkpoint and writes the report.
 
-  The workdir is only read. Reports go to `report_dir` if given, else into the
-  workdir when it is writable, else to stdout only.
+  Only the model's variables are read, so any optimizer the checkpoint was
+  trained with restores. The checkpoints are never written. Reports go to
+  `report_dir` if given, else into the workdir when it is writable and no
+  training run holds it, else to stdout only.
   """
   from resnet_jax import input_pipeline, reporting
 
   validate_config(config)
   if which not in ('latest', 'best'):
     raise UserError(f'--checkpoint: choose latest or best, got {which!r}')
-  if not os.path.isdir(checkpointing.checkpoint_dir(workdir)) or not os.listdir(
-      checkpointing.checkpoint_dir(workdir)):
+  if not resume.has_checkpoints(workdir):
     raise UserError(f'--mode=eval: no checkpoint in {os.path.abspath(workdir)}')
-  out_dir = _report_dir(workdir, report_dir)
   data = input_pipeline.create_data(config)
   info = data.info
   setup = Setup(config, info.num_classes, info.num_train, info.image_size)
-  state = setup.make_state(setup.fresh_variables)
-  _, eval_step = setup.steps()
-  step, state = resume.restore_for_eval(config, workdir, jax.device_get(state),
-                                        info.class_names, which)
+  eval_step = setup.eval_step()
+  hint = ('evaluate with the config it was trained with (leave out --config to use the '
+          "workdir's config.json)")
+  step, variables, _ = resume.restore_variables(config, workdir, which, info.class_names,
+                                                setup.fresh_variables, '--mode=eval', hint)
+  out_dir = _report_dir(workdir, report_dir)
   # Reporter writes files; for stdout only they go to a scratch folder that is removed.
   scratch = tempfile.mkdtemp(prefix='resnet_jax_eval_') if out_dir is None else None
   rep = reporting.Reporter(out_dir or scratch, info.class_names, setup.total_steps)
   try:
-    res = setup.evaluate(eval_step, setup.par.put_state(state), data)
+    res = setup.evaluate(eval_step, setup.par.put_state(variables), data)
     results = rep.eval_results(step, res, final=True, checkpoint=which)
   finally:
     rep.close()
@@ -376,6 +386,12 @@ def _report_dir(workdir: str, report_dir: str | None) -> str | None:
     if not os.access(report_dir, os.W_OK):
       raise UserError(f'--report_dir: {report_dir} is not writable')
     return os.path.abspath(report_dir)
+  from resnet_jax import workdir as workdir_lib
+  running = workdir_lib.holder(workdir)
+  if running:
+    logging.warning('%s is in use by a training run (%s): the report goes to stdout only '
+                    '(--report_dir=DIR writes its files there).', workdir, running)
+    return None
   if resume.writable(workdir):
     return workdir
   logging.warning('%s is read-only: the report goes to stdout only (--report_dir=DIR writes '

@@ -58,6 +58,25 @@ def _read_holder(fd: int) -> dict[str, Any]:
     return {}
 
 
+def holder(workdir: str) -> str | None:
+  """Who holds the workdir's lock ('pid 12 on host, started ...'), or None; changes nothing."""
+  path = os.path.join(os.path.abspath(workdir), LOCK_NAME)
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return None
+  except BlockingIOError:
+    return _describe(_read_holder(fd))
+  except OSError:
+    return None
+  finally:
+    os.close(fd)
+
+
 class Lock:
   """`with Lock(workdir):` one run per workdir; a second one is a one-line UserError.
 
@@ -78,7 +97,11 @@ class Lock:
     if not self.enabled:
       return self
     while True:
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      except PermissionError:
+        raise UserError(f'--workdir: cannot open its lock file {self.path} (permission denied; '
+                        'left by another user?)') from None
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:

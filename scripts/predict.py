@@ -64,26 +64,21 @@ def predict(workdir: str, paths: list[str], top_k: int = 5, which: str = 'best',
   import jax
   import numpy as np
 
-  from resnet_jax import checkpointing, input_pipeline, models, resume, saved_config
+  from resnet_jax import input_pipeline, models, resume, saved_config
   from resnet_jax.errors import UserError
 
   if config is None:
     if not os.path.isfile(os.path.join(workdir, 'config.json')):
       raise UserError(f'--workdir: {workdir} has no config.json (not a resnet_jax workdir?)')
     config = saved_config.load(workdir)
-  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
   hint = "predict with the config it was trained with (leave out --config to use config.json)"
-  try:
-    restored = ckpt.restore_newest_valid(which=which, check_meta=lambda step, meta: (
-        resume.check_model(config, meta, step, workdir, hint)))
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise UserError(f'--workdir: no readable checkpoint in {ckpt.directory}')
-  step, state, meta = restored
-  class_names = list(meta.get('class_names') or [])
+  step, variables, meta = resume.restore_variables(config, workdir, which, None, None,
+                                                   '--workdir', hint)
+  class_names = [str(c) for c in meta.get('class_names') or []]
+  if not class_names:
+    raise UserError(f'--workdir: checkpoint {step} in {workdir} names no classes (a converted '
+                    'pretrained checkpoint, not a trained classifier?)')
   model = models.create_model(config.model, len(class_names))
-  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
   apply = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x)))
   tf = input_pipeline._tf()  # pylint: disable=protected-access
   preprocess = input_pipeline.make_preprocess(config.dataset, train=False)
@@ -100,7 +95,7 @@ def predict(workdir: str, paths: list[str], top_k: int = 5, which: str = 'best',
   for i in range(0, len(images), batch_size):
     probs = np.asarray(apply(variables, np.stack(images[i:i + batch_size])))
     for path, p in zip(kept[i:i + batch_size], probs):
-      order = np.argsort(-p)[:k]
+      order = np.argsort(-p, kind='stable')[:k]  # As exported.top_k orders ties.
       results.append((path, [(class_names[j], float(p[j])) for j in order]))
   logging.info('Predicted with checkpoint %d of %s', step, workdir)
   return results

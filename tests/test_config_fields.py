@@ -45,6 +45,8 @@ def test_unknown_fields_on_the_command_line_and_in_a_file(tmp_path):
                   '  c = default.get_config()\n  c.dataset.imag_size = 64\n  return c\n')
   proc = run_main(f'--config={typo}', f'--workdir={tmp_path}/wd')
   assert_one_line_error(proc, 'config.dataset.imag_size', 'config.dataset.image_size')
+  proc = run_main('--config', str(typo), f'--workdir={tmp_path}/wd')  # The spaced form.
+  assert_one_line_error(proc, 'config.dataset.imag_size', 'config.dataset.image_size')
   assert not os.path.exists(tmp_path / 'wd')
 
 
