@@ -108,9 +108,14 @@ def _fit_to_size(tf: Any, image: Any, size: int) -> Any:
   image = tf.cast(image, tf.float32)
   if image.shape[-1] == 1:
     image = tf.image.grayscale_to_rgb(image)
-  if image.shape[0] != size or image.shape[1] != size:
-    image = tf.image.resize(image, (size, size), antialias=True)
-  return image
+  if image.shape[0] == size and image.shape[1] == size:
+    return image
+  # Decoded files have no static height and width: decide per image, so images
+  # already at the size (every CIFAR file) skip the resize, which is the identity.
+  shape = tf.shape(image)
+  return tf.cond(tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size)),
+                 lambda: image,
+                 lambda: tf.image.resize(image, (size, size), antialias=True))
 
 
 def to_uint8_images(source: Source, size: int) -> np.ndarray:
