@@ -1,7 +1,8 @@
-"""The training loop: init or restore, steps, evaluation, checkpoints, reports.
+"""Train and eval steps, and a run's start-up: checks, then the lock, then the loop.
 
 The step functions here are TensorFlow-free; `train_and_evaluate` pulls in the
-input pipeline and the metric writers, which are not.
+input pipeline and the metric writers, which are not. The loop itself is
+`loop.Loop`; what a checkpoint must match is `resume`.
 """
 
 from __future__ import annotations

@@ -107,3 +107,15 @@ def import_script(name):
     sys.path.insert(0, scripts)
   sys.modules.pop(name, None)
   return importlib.import_module(name)
+
+
+def digest(path):
+  """A hash of every file's relative path and bytes under `path`: equal means untouched."""
+  import hashlib
+  h = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(path)):
+    dirs.sort()
+    for f in sorted(files):
+      h.update(os.path.relpath(os.path.join(root, f), path).encode())
+      h.update(open(os.path.join(root, f), 'rb').read())
+  return h.hexdigest()

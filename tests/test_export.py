@@ -1,7 +1,6 @@
 """scripts/export.py and resnet_jax.export/exported: every format computes the in-process
 model, the model card tells the truth, prediction from the export matches the checkpoint's."""
 
-import hashlib
 import json
 import logging
 import os
@@ -17,7 +16,7 @@ import pytest
 from PIL import Image
 
 from resnet_jax import checkpointing, export, exported, models, train
-from tests.conftest import CLASSES, REPO, import_script, tiny_config, write_image_folder
+from tests.conftest import CLASSES, REPO, digest, import_script, tiny_config, write_image_folder
 
 BATCH_SIZES = (1, 7, 64)
 
@@ -221,15 +220,6 @@ def run_export(*args):
   return subprocess.run([sys.executable, 'scripts/export.py', *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
 
-
-def digest(path):
-  h = hashlib.sha256()
-  for root, dirs, files in sorted(os.walk(path)):
-    dirs.sort()
-    for f in sorted(files):
-      h.update(os.path.relpath(os.path.join(root, f), path).encode())
-      h.update(open(os.path.join(root, f), 'rb').read())
-  return h.hexdigest()
 
 
 def test_export_cli_bad_input_is_one_line_and_writes_nothing(exported_model, tmp_path):

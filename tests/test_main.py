@@ -1,7 +1,6 @@
 """The command line: bad input is one line naming the problem, exit 2, no traceback,
 and nothing in the workdir changes."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -14,7 +13,7 @@ import pytest
 
 from resnet_jax import saved_config, train, workdir as workdir_lib
 from resnet_jax.errors import UserError
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, digest, tiny_config
 
 FOLDER_ARGS = ['--config.model.name=resnet20', '--config.model.width_multiplier=0.25',
                '--config.dataset.image_size=8', '--config.batch_size=8',
@@ -39,15 +38,6 @@ def assert_one_line_error(proc, *fragments):
   for fragment in fragments:
     assert fragment in errors[0], errors[0]
 
-
-def digest(workdir):
-  h = hashlib.sha256()
-  for root, dirs, files in sorted(os.walk(workdir)):
-    dirs.sort()
-    for f in sorted(files):
-      h.update(os.path.relpath(os.path.join(root, f), workdir).encode())
-      h.update(open(os.path.join(root, f), 'rb').read())
-  return h.hexdigest()
 
 
 @pytest.fixture(scope='module')
