@@ -14,7 +14,7 @@ import pytest
 from resnet_jax import checkpointing, loop, models, resume, train
 from resnet_jax.errors import UserError
 from tests.conftest import tiny_config
-from tests.test_main import digest
+from tests.conftest import digest
 
 
 def _params(workdir, step=None):
