@@ -13,8 +13,7 @@ import pytest
 
 from resnet_jax import checkpointing, loop, models, resume, train
 from resnet_jax.errors import UserError
-from tests.conftest import tiny_config
-from tests.conftest import digest
+from tests.conftest import digest, tiny_config
 
 
 def _params(workdir, step=None):
