@@ -28,7 +28,10 @@ MODEL_FIELDS = ('model.name', 'model.stem', 'model.width_multiplier')
 # 'group.*' stands for every field of the group.
 RESUME_FIELDS = ('seed', 'batch_size', 'num_train_steps', 'num_epochs', 'grad_accum_steps',
                  'optimizer.*', 'schedule.*', 'dataset.name', 'dataset.train_split',
-                 'dataset.eval_split', 'dataset.classes')
+                 'dataset.eval_split', 'dataset.classes',
+                 # The training attack; adversarial.eval_* may change (they only score).
+                 'adversarial.train', 'adversarial.epsilon', 'adversarial.step_size',
+                 'adversarial.steps', 'adversarial.clean_fraction')
 
 
 def run_fields(config: Any) -> dict[str, Any]:

@@ -123,3 +123,16 @@ def test_fgsm_training_reports_robust_accuracy_and_eval_mode_repeats_it(folder_c
   again = train.evaluate_checkpoint(config, workdir, report_dir=str(tmp_path / 'rep'))
   assert again['robust_accuracy'] == saved['robust_accuracy']
   assert again['num_examples'] == saved['num_examples'] == 15
+
+
+def test_resume_refuses_a_changed_training_attack_but_not_a_changed_robust_eval():
+  from resnet_jax import resume
+  saved = tiny_config(**{'adversarial.train': 'fgsm'})
+  meta = {'run': resume.run_fields(saved)}
+  changed = resume.resume_changes(tiny_config(**{'adversarial.train': 'pgd'}), meta, '/none')
+  assert changed == ["config.adversarial.train (checkpoint 'fgsm', now 'pgd')"]
+  assert resume.resume_changes(tiny_config(**{'adversarial.train': 'fgsm',
+                                              'adversarial.eval_steps': 20}), meta, '/none') == []
+  # Checkpoints from before these fields existed resume as before.
+  old = {'run': {k: v for k, v in meta['run'].items() if not k.startswith('adversarial.')}}
+  assert resume.resume_changes(tiny_config(), old, '/none') == []
