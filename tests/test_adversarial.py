@@ -136,3 +136,15 @@ def test_resume_refuses_a_changed_training_attack_but_not_a_changed_robust_eval(
   # Checkpoints from before these fields existed resume as before.
   old = {'run': {k: v for k, v in meta['run'].items() if not k.startswith('adversarial.')}}
   assert resume.resume_changes(tiny_config(), old, '/none') == []
+
+
+def test_a_workdir_from_before_the_adversarial_fields_can_be_scored_for_robustness(tmp_path):
+  """--mode=eval --config.adversarial.eval_steps=k on an older config.json."""
+  from resnet_jax import saved_config
+  old = json.loads(tiny_config(**{'optimizer.learning_rate': 0.03}).to_json())
+  del old['adversarial']
+  del old['finetune']['preset']
+  (tmp_path / 'config.json').write_text(json.dumps(old))
+  config = saved_config.load(str(tmp_path))
+  assert config.adversarial.eval_steps == 0 and config.finetune.preset == 'full'
+  assert config.optimizer.learning_rate == 0.03  # The workdir's own values stay.
