@@ -176,7 +176,13 @@ def describe(config: Any) -> str:
 
 
 def mix_clean(clean: jax.Array, adversarial: jax.Array, clean_fraction: float) -> jax.Array:
-  """The first round(fraction * N) examples of the batch clean, the rest adversarial."""
+  """The first round(fraction * N) examples clean, the rest adversarial.
+
+  N is the batch the step body sees: the global batch under jit, each device's
+  shard under pmap (so the clean examples differ between the two, their number
+  does not). The random starts differ too (pmap folds in the device index), so
+  adversarial jit and pmap runs are equally valid but not bit-identical.
+  """
   n_clean = int(round(clean_fraction * clean.shape[0]))
   if n_clean == 0:
     return adversarial
