@@ -79,6 +79,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.finetune.freeze_stages = 0   # Freeze the stem and the first N stages.
   c.finetune.head_lr_multiplier = 1.0
   c.finetune.lr_multipliers = ()  # ('regex=mult', ...): first match wins.
+  # full, linear_probe, bn_only, bias_only, last_stage (resnet_jax/presets.py); the head
+  # always trains; finetune.freeze/freeze_stages freeze more on top (union).
+  c.finetune.preset = 'full'
+
+  # Adversarial training and robust evaluation (resnet_jax/adversarial.py), L-inf,
+  # epsilon and step sizes in pixels of 0..255.
+  c.adversarial = ml_collections.ConfigDict()
+  c.adversarial.train = 'none'   # none, fgsm (one step from a random start) or pgd.
+  c.adversarial.epsilon = 8.0
+  c.adversarial.step_size = 2.0  # Training steps; fgsm: ~1.25 * epsilon (Wong et al. 2020).
+  c.adversarial.steps = 7        # pgd training steps.
+  c.adversarial.clean_fraction = 0.0  # This part of each batch stays clean.
+  c.adversarial.eval_steps = 0   # PGD-k robust accuracy at evaluation; 0 = none.
+  c.adversarial.eval_step_size = 2.0
 
   c.log_every_steps = 50
   c.eval_every_steps = 0         # 0 = at the end only.

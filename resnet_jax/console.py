@@ -177,16 +177,22 @@ def start_block(config: Any, info: Any, params: dict[str, int], *, num_devices: 
   else:
     start = 'new run from random initialisation'
   table = f'; per tensor in {parameter_file}' if parameter_file else ''
+  preset = (config.get('finetune') or {}).get('preset', 'full') or 'full'
+  preset = f' (finetune.preset {preset})' if preset != 'full' else ''
   lines = [
       f'data      {describe_data(config, info)}',
       f'model     {model}: {_count(params["total"])} parameters, {_count(params["trainable"])} '
-      f'trainable, {_count(params["frozen"])} frozen{table}',
+      f'trainable{preset}, {_count(params["frozen"])} frozen{table}',
       f'schedule  batch {batch} on {num_devices} {platform} device{"s" * (num_devices != 1)} '
       f'({config.get("parallelism", "jit")}), {per_epoch} steps per epoch, {total_steps} steps'
       f'{epochs}',
       f'workdir   {workdir}',
       f'start     {start}',
   ]
+  from resnet_jax import adversarial  # pylint: disable=import-outside-toplevel
+  robust = adversarial.describe(config)
+  if robust:
+    lines.insert(2, f'robust    {robust}')
   return '\n'.join(lines)
 
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from resnet_jax import presets
 from resnet_jax.errors import UserError
 from resnet_jax.models import TOP_LEVEL_ORDER
 
@@ -194,10 +195,12 @@ def build_param_spec(config: Any, params: Any) -> ParamSpec:
   """Compiles the config's fine-tuning rules over the actual parameter paths.
 
   Every pattern must match at least one parameter, so a typo never silently
-  trains what the user meant to freeze.
+  trains what the user meant to freeze. `finetune.preset` (see `presets`)
+  freezes its own set on top of the regex's: the union of both.
   """
   ft = config.get('finetune', {})
   paths = list(flat_paths(params))
+  preset_frozen = presets.frozen_by_preset(presets.check_preset(config), paths) if ft else set()
   freeze = freeze_regex(ft) if ft else ''
   freeze_re = _compile('config.finetune.freeze', freeze) if freeze else None
   if freeze_re is not None and not any(freeze_re.search(p) for p in paths):
@@ -223,7 +226,7 @@ def build_param_spec(config: Any, params: Any) -> ParamSpec:
   multipliers: dict[str, float] = {}
   decay: dict[str, bool] = {}
   for p in paths:
-    if freeze_re is not None and freeze_re.search(p):
+    if p in preset_frozen or (freeze_re is not None and freeze_re.search(p)):
       labels[p] = FROZEN
       decay[p] = False
       continue

@@ -169,17 +169,22 @@ class Reporter:
     results = {'step': int(step), 'accuracy': res['accuracy'],
                'top5_accuracy': res['top5_accuracy'], 'loss': res['loss'],
                'num_examples': res['num_examples']}
+    if 'robust_accuracy' in res:  # adversarial.eval_steps > 0: PGD-k accuracy, same examples.
+      results['robust_accuracy'] = res['robust_accuracy']
     if checkpoint:
       results['checkpoint'] = checkpoint
     results.update(report)
     results['class_names'] = self.class_names
     results['confusion_matrix'] = confusion.tolist()
     self.writer.write_scalars(step, {f'eval/{k}': results[k] for k in
-                                     ('accuracy', 'loss', 'top5_accuracy') if k in results})
+                                     ('accuracy', 'loss', 'top5_accuracy', 'robust_accuracy')
+                                     if k in results})
+    robust = {'robust_accuracy': res['robust_accuracy']} if 'robust_accuracy' in res else {}
     self._history({'kind': 'eval', 'step': int(step), 'accuracy': res['accuracy'],
-                   'loss': res['loss']})
-    logging.info('Eval at step %d: accuracy %.4f, loss %.4f over %d examples', step,
-                 res['accuracy'], res['loss'], res['num_examples'])
+                   'loss': res['loss'], **robust})
+    logging.info('Eval at step %d: accuracy %.4f, loss %.4f over %d examples%s', step,
+                 res['accuracy'], res['loss'], res['num_examples'],
+                 f', robust accuracy {res["robust_accuracy"]:.4f}' if robust else '')
     if self.lead:
       path = os.path.join(self.workdir, 'eval_results.json')
       with open(path + '.tmp', 'w') as f:
@@ -187,6 +192,9 @@ class Reporter:
       os.replace(path + '.tmp', path)
       if final:
         print(format_report(report), flush=True)
+        if robust:
+          print(f'accuracy {res["accuracy"]:.4f} clean, {res["robust_accuracy"]:.4f} robust '
+                '(adversarial.eval_steps PGD steps)', flush=True)
       self._save_pngs(confusion)
     return results
 

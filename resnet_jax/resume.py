@@ -30,8 +30,11 @@ MODEL_FIELDS = ('model.name', 'model.stem', 'model.width_multiplier')
 RESUME_FIELDS = ('seed', 'batch_size', 'num_train_steps', 'num_epochs', 'grad_accum_steps',
                  'optimizer.*', 'schedule.*', 'dataset.name', 'dataset.train_split',
                  'dataset.eval_split', 'dataset.classes', 'finetune.freeze',
-                 'finetune.freeze_stages', 'finetune.head_lr_multiplier',
-                 'finetune.lr_multipliers')
+                 'finetune.freeze_stages', 'finetune.preset', 'finetune.head_lr_multiplier',
+                 'finetune.lr_multipliers',
+                 # The training attack; adversarial.eval_* may change (they only score).
+                 'adversarial.train', 'adversarial.epsilon', 'adversarial.step_size',
+                 'adversarial.steps', 'adversarial.clean_fraction')
 # Changing these changes the optimizer state's layout (its partition or its transforms).
 OPTIMIZER_LAYOUT_PREFIXES = ('config.optimizer.', 'config.finetune.')
 

@@ -26,9 +26,26 @@ def _tuples(value: Any) -> Any:
   return value
 
 
+def _fill_missing(saved: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+  """`saved` plus the reference's fields it lacks (added since the workdir was written).
+
+  So `--config.adversarial.eval_steps=20` can score a checkpoint trained before
+  that field existed; the values the workdir has are never replaced.
+  """
+  out = dict(saved)
+  for key, value in reference.items():
+    if key not in out:
+      out[key] = value
+    elif isinstance(value, dict) and isinstance(out[key], dict):
+      out[key] = _fill_missing(out[key], value)
+  return out
+
+
 def load(workdir: str) -> ml_collections.ConfigDict:
+  from configs import default  # pylint: disable=import-outside-toplevel
   with open(os.path.join(workdir, 'config.json')) as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
+    saved = _tuples(json.load(f))
+  return ml_collections.ConfigDict(_fill_missing(saved, default.get_config().to_dict()))
 
 
 def get_config(workdir: str) -> ml_collections.ConfigDict:

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from resnet_jax import checkpointing, models, optim, parallel, resume
+from resnet_jax import adversarial, checkpointing, models, optim, parallel, presets, resume
 from resnet_jax.errors import UserError
 from resnet_jax.loop import Preempted  # noqa: F401  (main catches train.Preempted)
 
@@ -34,7 +34,9 @@ State = dict[str, Any]  # {'step', 'params', 'batch_stats', 'opt_state'}
 def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, num_classes: int, label_smoothing: float = 0.0,
                     grad_accum_steps: int = 1, base_rng: jax.Array | None = None,
-                    trainable: Any = None) -> Callable[..., tuple[State, dict[str, jax.Array]]]:
+                    trainable: Any = None, attack: adversarial.Attack | None = None,
+                    attack_model: models.ResNet | None = None,
+                    clean_fraction: float = 0.0) -> Callable[..., tuple[State, dict[str, jax.Array]]]:
   """One step body for jit and pmap; only `axis_name` differs between them.
 
   With `grad_accum_steps` = k the batch is cut into k strided micro-batches
@@ -48,8 +50,26 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
 
   `trainable` (a tree of bools like the params, `optim.trainable_mask`) zeroes
   the gradients of frozen parameters, so `grad_norm` counts only what trains.
+
+  With an `attack` (`adversarial.Attack`) each (micro-)batch is replaced by its
+  adversarial examples, made by `attack_model` (the model without the
+  stop-gradient boundary) in train mode from the step's parameters; see
+  `adversarial` for why. The first `clean_fraction` of the batch stays clean.
   """
   base_rng = jax.random.key(0) if base_rng is None else base_rng
+  attack_model = model if attack_model is None else attack_model
+
+  def adversarial_images(params, batch_stats, images, labels, rng):
+    if attack is None:
+      return images
+
+    def losses(x):
+      logits, _ = attack_model.apply({'params': params, 'batch_stats': batch_stats}, x,
+                                     train=True, mutable=['batch_stats'], rngs={'dropout': rng})
+      return optim.cross_entropy(logits, labels, num_classes)
+
+    adv = attack(losses, images, jax.random.fold_in(rng, 1))
+    return adversarial.mix_clean(images, adv, clean_fraction).astype(images.dtype)
 
   def loss_fn(params, batch_stats, images, labels, rng):
     logits, mutated = model.apply({'params': params, 'batch_stats': batch_stats}, images,
@@ -66,6 +86,7 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     images, labels = batch['image'], batch['label']
     if grad_accum_steps == 1:
+      images = adversarial_images(state['params'], state['batch_stats'], images, labels, rng)
       (loss, (batch_stats, acc)), grads = grad_fn(state['params'], state['batch_stats'],
                                                   images, labels, rng)
     else:
@@ -76,8 +97,9 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
 
       def body(carry, xs):
         bs, gsum, lsum, asum = carry
-        (l, (bs, a)), g = grad_fn(state['params'], bs, xs[0], xs[1],
-                                  jax.random.fold_in(rng, xs[2]))
+        micro_rng = jax.random.fold_in(rng, xs[2])
+        x = adversarial_images(state['params'], bs, xs[0], xs[1], micro_rng)
+        (l, (bs, a)), g = grad_fn(state['params'], bs, x, xs[1], micro_rng)
         return (bs, jax.tree.map(jnp.add, gsum, g), lsum + l, asum + a), None
 
       zeros = jax.tree.map(jnp.zeros_like, state['params'])
@@ -104,12 +126,20 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(model: models.ResNet, num_classes: int) -> Callable[..., dict[str, jax.Array]]:
-  """Masked sums over a batch, including the confusion matrix (true class x predicted)."""
+def make_eval_step(model: models.ResNet, num_classes: int,
+                   attack: adversarial.Attack | None = None,
+                   attack_rng: jax.Array | None = None) -> Callable[..., dict[str, jax.Array]]:
+  """Masked sums over a batch, including the confusion matrix (true class x predicted).
+
+  With an `attack`, also `robust_correct`: the examples still classified right
+  after the attack on the eval-mode model, masked like the rest, so every
+  example counts once.
+  """
+  attack_rng = jax.random.key(0) if attack_rng is None else attack_rng
 
   def eval_step(state: State, batch: dict[str, jax.Array], axis_name: str | None = None):
-    logits = model.apply({'params': state['params'], 'batch_stats': state['batch_stats']},
-                         batch['image'], train=False)
+    variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+    logits = model.apply(variables, batch['image'], train=False)
     labels, mask = batch['label'], batch['mask']
     loss = optim.cross_entropy(logits, labels, num_classes)
     pred = jnp.argmax(logits, -1)
@@ -120,6 +150,14 @@ def make_eval_step(model: models.ResNet, num_classes: int) -> Callable[..., dict
     sums = {'loss': jnp.sum(loss * mask), 'correct': jnp.sum((pred == labels) * mask),
             'correct_top5': jnp.sum(top5 * mask), 'count': jnp.sum(mask),
             'confusion': confusion}
+    if attack is not None:
+      rng = attack_rng if axis_name is None else jax.random.fold_in(
+          attack_rng, jax.lax.axis_index(axis_name))
+      adv = attack(lambda x: optim.cross_entropy(model.apply(variables, x, train=False), labels,
+                                                 num_classes), batch['image'], rng)
+      adv_pred = jnp.argmax(model.apply(variables, adv.astype(batch['image'].dtype),
+                                        train=False), -1)
+      sums['robust_correct'] = jnp.sum((adv_pred == labels) * mask)
     if axis_name is not None:
       sums = jax.lax.psum(sums, axis_name)
     return sums
@@ -138,10 +176,13 @@ def evaluate(par: parallel.Parallel, eval_step: Callable[..., Any], state: Any,
     raise UserError('config.dataset.eval_split: the eval split is empty')
   totals = par.get_metrics(totals)
   n = float(totals['count'])
-  return {'num_examples': int(round(n)), 'loss': float(totals['loss']) / n,
-          'accuracy': float(totals['correct']) / n,
-          'top5_accuracy': float(totals['correct_top5']) / n,
-          'confusion': np.asarray(totals['confusion']).round().astype(np.int64)}
+  out = {'num_examples': int(round(n)), 'loss': float(totals['loss']) / n,
+         'accuracy': float(totals['correct']) / n,
+         'top5_accuracy': float(totals['correct_top5']) / n,
+         'confusion': np.asarray(totals['confusion']).round().astype(np.int64)}
+  if 'robust_correct' in totals:
+    out['robust_accuracy'] = float(totals['robust_correct']) / n
+  return out
 
 
 # --------------------------------------------------------------------------- setup
@@ -165,6 +206,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'config.dataset.std: {std} holds a zero or non-finite value; images are '
                     'divided by it')
   models.create_model(config.model, num_classes=1)
+  adversarial.check_config(config)
+  presets.check_preset(config)
   optim.check_schedule(config)
   optim.check_optimizer(config)
 
@@ -198,6 +241,10 @@ class Setup:
                                      frozen_bn=self.spec.frozen_bn,
                                      stop_gradient_after=self.spec.stop_gradient_after)
     self.eval_model = models.create_model(config.model, num_classes)
+    # The attack needs the gradient down to the input: no stop-gradient boundary.
+    self.attack_model = models.create_model(config.model, num_classes,
+                                            bn_axis_name=self.par.bn_axis_name,
+                                            frozen_bn=self.spec.frozen_bn)
 
   def make_state(self, variables: dict[str, Any]) -> State:
     params = variables['params']
@@ -217,12 +264,16 @@ class Setup:
         self.model, self.tx, self.schedule, self.num_classes,
         float(self.config.get('label_smoothing', 0.0)),
         int(self.config.get('grad_accum_steps', 1)), self.dropout_rng,
-        trainable=optim.trainable_mask(self.spec, self.fresh_variables['params']))
+        trainable=optim.trainable_mask(self.spec, self.fresh_variables['params']),
+        attack=adversarial.train_attack(self.config), attack_model=self.attack_model,
+        clean_fraction=float(self.config.get('adversarial', {}).get('clean_fraction', 0.0)))
     return self.par.compile(train_step), self.eval_step()
 
   def eval_step(self):
-    return self.par.compile(make_eval_step(self.eval_model, self.num_classes),
-                            donate_state=False)
+    eval_step = make_eval_step(self.eval_model, self.num_classes,
+                               adversarial.eval_attack(self.config),
+                               jax.random.fold_in(jax.random.key(int(self.config.seed)), 2))
+    return self.par.compile(eval_step, donate_state=False)
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
