@@ -211,12 +211,15 @@ def active() -> bool:
 class Watchdog:
   """Heartbeats through the coordination service; ends this process when a peer is lost.
 
-  Every `interval` seconds: write our beat counter, read everyone's, and the
-  failures other processes recorded (`abort`). A peer whose counter has not
-  moved for `timeout` seconds is dead (its watchdog thread would have run
-  even while its main thread waits in a collective or compiles). A peer that
-  finished (`finish`) is no longer expected to beat. A coordinator that stops
-  answering means process 0 is gone.
+  Every `interval` seconds (two requests): write our beat counter, read
+  everyone's, with the failures other processes recorded (`abort`) and the
+  ends of run they marked (`finish`). A peer whose counter has not moved for
+  `timeout` seconds is dead (its watchdog thread beats even while its main
+  thread waits in a collective or compiles). A peer that ended its run is not
+  expected to beat, but all processes end together, so still running
+  `timeout` seconds later means waiting for it. A coordinator that stops
+  answering means process 0 is gone. A process that hangs while alive keeps
+  beating: that is not detected.
   """
 
   def __init__(self, client: Any, process_id: int, num_processes: int, timeout: float):
@@ -237,16 +240,14 @@ class Watchdog:
       self._thread.join(timeout=self.interval + 5)
 
   def _run(self) -> None:
-    beat, seen = 0, {}   # process -> (last value, when it last changed)
+    beat, seen, done_since = 0, {}, {}   # seen: process -> (last beat, when it changed)
     started = time.monotonic()
     while not self._stop.is_set():
       beat += 1
       try:
         self.client.key_value_set(f'{KEY_PREFIX}/alive/{self.process_id}', str(beat),
                                   allow_overwrite=True)
-        alive = dict(self.client.key_value_dir_get(f'{KEY_PREFIX}/alive/'))
-        done = dict(self.client.key_value_dir_get(f'{KEY_PREFIX}/done/'))
-        failed = dict(self.client.key_value_dir_get(f'{KEY_PREFIX}/failed/'))
+        entries = self.client.key_value_dir_get(f'{KEY_PREFIX}/')
       except Exception as e:  # pylint: disable=broad-except
         if self._stop.is_set():
           return
@@ -256,27 +257,45 @@ class Watchdog:
                       'resume from its last checkpoint', EXIT_PEER_LOST)
       if self._stop.is_set():
         return
-      for key, value in sorted(failed.items()):
-        p = int(key.rsplit('/', 1)[-1])
-        if p != self.process_id:
-          code, _, message = value.partition('|')
-          _say_and_exit(f'process {p} of {self.num_processes} stopped: {message}', int(code),
-                        self.linger())
-      now = time.monotonic()
-      for p in range(self.num_processes):
-        if p == self.process_id or f'{KEY_PREFIX}/done/{p}' in done:
-          continue
-        value = alive.get(f'{KEY_PREFIX}/alive/{p}')
-        if p not in seen or seen[p][0] != value:
-          seen[p] = (value, now if value is not None else seen.get(p, (None, started))[1])
-        silent = now - seen[p][1]
-        if silent > self.timeout:
-          what = 'never sent a heartbeat' if value is None else 'stopped sending heartbeats'
-          _say_and_exit(f'process {p} of {self.num_processes} {what} for {silent:.0f} s '
-                        f'(--heartbeat_timeout={self.timeout:g}): it died or hangs; stopping this '
-                        'process too; rerun the job to resume from its last checkpoint',
-                        EXIT_PEER_LOST, self.linger())
+      news: dict[str, dict[int, str]] = {'alive': {}, 'done': {}, 'failed': {}}
+      for key, value in entries:
+        kind, _, p = key[len(KEY_PREFIX) + 1:].partition('/')
+        if kind in news and p.isdigit():
+          news[kind][int(p)] = value
+      self._check(news, seen, done_since, started)
       self._stop.wait(self.interval)
+
+  def _check(self, news: dict[str, dict[int, str]], seen: dict[int, tuple[str | None, float]],
+             done_since: dict[int, float], started: float) -> None:
+    """Ends this process when a peer failed, went silent, or ended its run long ago."""
+    n = self.num_processes
+    for p, value in sorted(news['failed'].items()):
+      if p != self.process_id:
+        code, _, message = value.partition('|')
+        _say_and_exit(f'process {p} of {n} stopped: {message}', int(code), self.linger())
+    now = time.monotonic()
+    rerun = 'stopping this process too; rerun the job to resume from its last checkpoint'
+    for p in range(n):
+      if p == self.process_id:
+        continue
+      if p in news['done']:
+        # It left through the normal exit, which all processes reach together; one
+        # still running long after is stuck waiting for it.
+        done_since.setdefault(p, now)
+        if now - done_since[p] > self.timeout:
+          _say_and_exit(f'process {p} of {n} ended its run {now - done_since[p]:.0f} s ago '
+                        f'(--heartbeat_timeout={self.timeout:g}) while this one still runs; '
+                        + rerun, EXIT_PEER_LOST, self.linger())
+        continue
+      value = news['alive'].get(p)
+      if p not in seen or seen[p][0] != value:
+        seen[p] = (value, now if value is not None else seen.get(p, (None, started))[1])
+      silent = now - seen[p][1]
+      if silent > self.timeout:
+        what = 'never sent a heartbeat' if value is None else 'stopped sending heartbeats'
+        _say_and_exit(f'process {p} of {n} {what} for {silent:.0f} s (--heartbeat_timeout='
+                      f'{self.timeout:g}): it died or lost the network; ' + rerun,
+                      EXIT_PEER_LOST, self.linger())
 
   def linger(self) -> float:
     """Process 0 hosts the store: it stays long enough for the others to read the news."""
