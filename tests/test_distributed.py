@@ -85,17 +85,16 @@ def _two_processes(args, module=None, env=None, timeout=180):
   try:
     out, _ = proc.communicate(timeout=timeout)
   except subprocess.TimeoutExpired as e:
-    _kill_launched(e.output or '')
+    partial = e.output.decode(errors='replace') if isinstance(e.output, bytes) else e.output
+    _kill_launched(partial or '')
     proc.kill()
-    out = (e.output or '') + proc.communicate()[0]
+    out = (partial or '') + proc.communicate()[0]
     pytest.fail(f'the 2-process run hung for {timeout} s:\n{out[-3000:]}')
   return subprocess.CompletedProcess(proc.args, proc.returncode, out, '')
 
 
 def _kill_launched(output):
   """SIGKILL the processes a launcher started (they run in sessions of their own)."""
-  if isinstance(output, bytes):
-    output = output.decode(errors='replace')
   for pid in re.findall(r'\[launch\] p\d pid (\d+)', output):
     try:
       os.kill(int(pid), signal.SIGKILL)
