@@ -54,7 +54,8 @@ def install_startup_interrupt() -> None:
 _NATIVE_NOISE = ('All log messages before absl::InitializeLog() is called',
                  'oneDNN custom operations are on', 'cpu_feature_guard.cc',
                  'To enable the following instructions', 'This TensorFlow binary is optimized')
-_QUIET_BELOW_WARNING = ('/orbax/', '/etils/', '/tensorflow_datasets/', '/clu/', 'xla_bridge.py')
+_QUIET_BELOW_WARNING = ('/orbax/', '/etils/', '/tensorflow_datasets/', '/clu/', 'xla_bridge.py',
+                        '/jax/_src/distributed.py')
 _ALWAYS_QUIET = ("Unable to initialize backend 'tpu'", 'Given directory is read only',
                  'is experimental and not all JAX functionality')
 

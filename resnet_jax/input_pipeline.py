@@ -578,15 +578,13 @@ class Data:
       count += 1
 
 
-  def _stream(self, source: StreamSource, split: str, shuffle_files: bool,
-              process_index: int = 0, process_count: int = 1) -> Any:
+  def _stream(self, source: StreamSource, split: Any, shuffle_files: bool,
+              file_seed: int | None = None) -> Any:
     tfds = _tfds()
     tf = _tf()
     read_config = tfds.ReadConfig(
-        shuffle_seed=int(self.config.seed), shuffle_reshuffle_each_iteration=True,
-        try_autocache=False,
-        input_context=tf.distribute.InputContext(num_input_pipelines=process_count,
-                                                 input_pipeline_id=process_index))
+        shuffle_seed=int(self.config.seed) if file_seed is None else file_seed,
+        shuffle_reshuffle_each_iteration=False, try_autocache=False)
     ds = source.builder.as_dataset(split=split, shuffle_files=shuffle_files,
                                    read_config=read_config,
                                    decoders={'image': tfds.decode.SkipDecoding()})
@@ -596,21 +594,27 @@ class Data:
 
   def _stream_train_iter(self, local_batch: int, start_step: int, process_index: int,
                          process_count: int) -> Iterator[dict[str, np.ndarray]]:
-    """Large TFDS splits: seeded file order and shuffle buffer, deterministic given the seed.
+    """Large TFDS splits, read one epoch at a time, so a resume reads at most one epoch.
 
-    Resuming skips the records of the steps already taken (reading, not
-    decoding them), so a resumed run sees the same stream.
+    Each process reads its own contiguous part of the split (`tfds.even_splits`,
+    equal sizes, the remainder left out), so the processes' shares are disjoint
+    and all take the same number of steps per epoch. Epoch e reads its part's
+    files in an order seeded by (seed, e), through a shuffle buffer seeded the
+    same way: the data are a function of (seed, step) for a given number of
+    processes. Resuming at step s rebuilds the epoch of s and skips only the
+    records of that epoch before s (reading, not decoding them); the old
+    infinite stream had to skip every record since step 0.
     """
     tf = _tf()
     cds = self.config.dataset
     seed = int(self.config.seed)
     preprocess = make_preprocess(cds, train=True)
-    ds = self._stream(self.train_source, self.train_source.split, True, process_index,
-                      process_count)
-    ds = ds.repeat().shuffle(int(cds.get('shuffle_buffer', 16_384)), seed=seed,
-                             reshuffle_each_iteration=True)
-    first = start_step * local_batch
-    ds = ds.skip(first).enumerate(start=first)
+    source = self.train_source
+    part = _tfds().even_splits(source.split, n=process_count,
+                               drop_remainder=True)[process_index]
+    steps_per_epoch = check_steps_per_epoch(source.num_examples, local_batch * process_count)
+    epoch_records = steps_per_epoch * local_batch
+    buffer = int(cds.get('shuffle_buffer', 16_384))
 
     def prepare(count, ex):
       step, j = count // local_batch, count % local_batch
@@ -618,9 +622,23 @@ class Data:
       image = preprocess(_decode(tf, ex['image']), tf.stack([tf.constant(seed, tf.int64), counter]))
       return {'image': image, 'label': tf.cast(ex['label'], tf.int32)}
 
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(local_batch, drop_remainder=True).prefetch(int(cds.get('prefetch', 4)))
-    return ds.as_numpy_iterator()
+    def epoch_batches(epoch: int, offset: int) -> Iterator[dict[str, np.ndarray]]:
+      epoch_seed = int(np.random.default_rng([seed, epoch, 0x57EA]).integers(2**31))
+      ds = self._stream(source, part, shuffle_files=True, file_seed=epoch_seed)
+      ds = ds.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+      ds = ds.take(epoch_records).skip(offset * local_batch)
+      ds = ds.enumerate(start=(epoch * steps_per_epoch + offset) * local_batch)
+      ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      ds = ds.batch(local_batch, drop_remainder=True).prefetch(int(cds.get('prefetch', 4)))
+      return ds.as_numpy_iterator()
+
+    def batches() -> Iterator[dict[str, np.ndarray]]:
+      epoch, offset = divmod(start_step, steps_per_epoch)
+      while True:
+        yield from epoch_batches(epoch, offset)
+        epoch, offset = epoch + 1, 0
+
+    return batches()
 
 
 def _tfds():

@@ -7,7 +7,9 @@ What it guarantees:
   * no report, picture or checkpoint of a model with non-finite parameters;
   * the training of an evaluation step survives a failing evaluation (see
     `Loop.evaluate_and_save`);
-  * SIGTERM/SIGINT (`Preemption`) save a checkpoint at the current step and stop.
+  * SIGTERM/SIGINT (`Preemption`) save a checkpoint at the current step and stop;
+    with several processes, a signal that reaches any of them stops all of
+    them at the same step (see `Loop.stop_flag`).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class StepMetrics:
     self._first = first_step
     self._in_flight: list[tuple[int, Any]] = []
     self.finished: list[dict[str, Any]] = []
+    self.stop_signum: int | None = None  # The agreed stop flag of a finished step, if any.
 
   def add(self, step: int, metrics: Any) -> None:
     """Records step's (device) metrics; waits for the step before it, bounding the queue."""
@@ -85,7 +88,10 @@ class StepMetrics:
     return taken
 
   def _finish(self, step: int, metrics: Any) -> None:
-    host = self._get(metrics)
+    host = dict(self._get(metrics))
+    stop = int(host.pop('stop', 0))
+    if stop and self.stop_signum is None:
+      self.stop_signum = stop
     loss, lr = float(host['loss']), float(host['learning_rate'])
     if not np.isfinite(loss):
       if step == self._first + 1:
@@ -119,10 +125,19 @@ class Loop:
   ckpt_every: int
   global_batch: int
   lead: bool = True
+  # Several processes: signum -> the batch leaf 'stop' (`Parallel.put_stop_flag`).
+  # Each step carries every process's flag and reduces it over all devices; the
+  # loop stops when a finished step's reduced flag is set. Steps finish at the
+  # same loop positions on every process (they depend on the step number only),
+  # so all stop at the same step, one or two steps after the signal. No extra
+  # collective or host round trip: one int per device rides with the batch.
+  stop_flag: Callable[[int], Any] | None = None
 
   def run(self, state: Any, batches: Iterator[Any], start_step: int,
           preempt: Preemption) -> dict[str, Any]:
-    if preempt.signum is not None:  # Interrupted while the workdir was being prepared.
+    if preempt.signum is not None and self.stop_flag is None:
+      # Interrupted while the workdir was being prepared. (Several processes first
+      # agree through a step, as the others may not have been signalled.)
       raise Preempted(start_step, preempt.signum, saved=False)
     if start_step >= self.total:
       res = self.evaluate(state)
@@ -132,7 +147,10 @@ class Loop:
     results: dict[str, Any] = {}
     step = start_step
     while step < self.total:
-      state, step_metrics = self.train_step(state, next(batches))
+      batch = next(batches)
+      if self.stop_flag is not None:
+        batch = {**batch, 'stop': self.stop_flag(preempt.signum or 0)}
+      state, step_metrics = self.train_step(state, batch)
       step += 1
       metrics.add(step, step_metrics)
       if step == start_step + 1:  # The compiled step: time the rest from here.
@@ -148,10 +166,11 @@ class Loop:
         metrics.finish_all()
         self.ckpt.save(step, self.get_state(state), self.meta)
         progress.skip(step)
-      if preempt.signum is not None:
+      signum = preempt.signum if self.stop_flag is None else metrics.stop_signum
+      if signum is not None:
         metrics.finish_all()
         self.ckpt.save(step, self.get_state(state), self.meta)
-        raise Preempted(step, preempt.signum)
+        raise Preempted(step, signum)
     return results
 
   def _log(self, step: int, host: list[dict[str, Any]], progress: console.Progress) -> None:

@@ -5,6 +5,12 @@
 
 Bad input of any kind (unknown names, missing paths, wrong types in overrides)
 ends with one line on stderr naming the problem, exit code 2, and no traceback.
+
+Several processes (one per host or GPU) form one job with
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`, or with
+`--distributed=auto` on SLURM, Cloud TPU, Kubernetes or Open MPI. Exit codes:
+0 done, 2 bad input, 3 non-finite loss, 4 another process of the job was lost,
+128 + signal after a signal (checkpoint saved), 130 Ctrl-C before training.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 from resnet_jax import console  # Light: before anything heavy, Ctrl-C must exit cleanly.
 
@@ -24,7 +31,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from resnet_jax import saved_config  # noqa: E402
+from resnet_jax import distributed, saved_config  # noqa: E402  (both JAX-free)
 from resnet_jax.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -35,11 +42,30 @@ flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (resumes if possibl
 flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'], 'Which checkpoint --mode=eval uses.')
 flags.DEFINE_string('report_dir', None, '--mode=eval: write the reports here instead of the '
                     'workdir (a read-only workdir without it: stdout only).')
+flags.DEFINE_string('coordinator_address', None, 'Several processes: HOST:PORT of process 0, '
+                    'the same on every process.')
+flags.DEFINE_integer('num_processes', None, 'Several processes: how many form the job.')
+flags.DEFINE_integer('process_id', None, 'Several processes: this one, 0..num_processes-1.')
+flags.DEFINE_enum('distributed', None, ['auto'], 'auto: take the three flags above from the '
+                  'cluster (SLURM, Cloud TPU, Kubernetes, Open MPI); given ones win.')
+flags.DEFINE_integer('distributed_init_timeout', distributed.DEFAULT_INIT_TIMEOUT,
+                     'Seconds for every process to connect to the coordinator.')
+flags.DEFINE_integer('heartbeat_timeout', distributed.DEFAULT_HEARTBEAT_TIMEOUT,
+                     'Seconds of silence after which another process counts as dead and this '
+                     'one stops (exit 4).')
 
 
 def _fail(message: str, code: int = 2) -> None:
   print(f'error: {message}', file=sys.stderr, flush=True)
+  distributed.abort(message, code)  # Several processes: tell the others, exit now.
   sys.exit(code)
+
+
+def _distributed_options() -> distributed.Options:
+  return distributed.Options(
+      coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id, auto=FLAGS.distributed == 'auto',
+      init_timeout=FLAGS.distributed_init_timeout, heartbeat_timeout=FLAGS.heartbeat_timeout)
 
 
 def _reference_config():
@@ -143,6 +169,11 @@ def main(argv: list[str]) -> None:
     _fail('--report_dir: only --mode=eval writes its reports elsewhere')
   logging.getLogger().setLevel(logging.INFO)
   console.quiet_libraries()
+  try:
+    # Before anything starts a JAX backend (nothing above imports JAX).
+    distributed.initialize(_distributed_options())
+  except UserError as e:
+    _fail(str(e))
   console.import_tensorflow_quietly()
   from resnet_jax import train  # After flag parsing: importing JAX takes a while.
   workdir = os.path.abspath(FLAGS.workdir)
@@ -154,15 +185,25 @@ def main(argv: list[str]) -> None:
   except UserError as e:
     _fail(str(e))
   except train.Preempted as e:
+    # Every process stops at the same step (the flag is agreed in the step), so all
+    # leave through JAX's shutdown barrier together.
     print(f'preempted: {e}', file=sys.stderr, flush=True)
+    distributed.finish()
     sys.exit(128 + e.signum)
   except KeyboardInterrupt:  # A second Ctrl-C while training: stopped at once.
-    print('interrupted: stopped at once (a checkpoint of this step exists only if one was being '
-          'written); rerun the same command to resume from the last checkpoint',
-          file=sys.stderr, flush=True)
+    message = ('interrupted: stopped at once (a checkpoint of this step exists only if one was '
+               'being written); rerun the same command to resume from the last checkpoint')
+    print(message, file=sys.stderr, flush=True)
+    distributed.abort(message, 130)
     sys.exit(130)
   except FloatingPointError as e:
     _fail(str(e), code=3)
+  except Exception as e:  # pylint: disable=broad-except
+    if not distributed.active():
+      raise
+    traceback.print_exc()  # A bug, or a collective that failed: the others must not wait.
+    _fail(f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:300]}', code=1)
+  distributed.finish()
 
 
 def run() -> None:

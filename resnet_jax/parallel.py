@@ -88,7 +88,7 @@ class Parallel:
   def get_state(self, state: Any) -> Any:
     """A host copy of one replica (numpy arrays)."""
     if self.mode == 'pmap':
-      state = jax.tree.map(lambda x: x[0], state)
+      return jax.tree.map(_local_replica, state)
     return jax.device_get(state)
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> Any:
@@ -99,6 +99,18 @@ class Parallel:
     d = len(self.local_devices)
     return jax.tree.map(
         lambda x: jax.device_put(np.reshape(x, (d, -1) + np.shape(x)[1:]), self.stacked), batch)
+
+  def put_stop_flag(self, signum: int) -> Any:
+    """This process's stop request (a signal number, 0 for none) as one value per local device.
+
+    Added to a training batch as 'stop'; the step reduces it over all devices
+    (`make_train_step`), so every process reads the same verdict from the
+    step's metrics and stops at the same step, with no extra round trip.
+    """
+    local = np.full((len(self.local_devices),), signum, np.int32)
+    if self.mode == 'jit':
+      return jax.make_array_from_process_local_data(self.batch_sharding, local)
+    return jax.device_put(local, self.stacked)
 
   def compile(self, fn: Callable[..., Any], donate_state: bool = True) -> Callable[..., Any]:
     """Wraps fn(state, batch) -> (state_or_metrics, ...) for this mode."""
@@ -113,5 +125,17 @@ class Parallel:
   def get_metrics(self, metrics: Any) -> Any:
     """Host values of metrics that are identical on every replica."""
     if self.mode == 'pmap':
-      metrics = jax.tree.map(lambda x: x[0], metrics)
+      return jax.tree.map(_local_replica, metrics)
     return jax.device_get(metrics)
+
+
+def _local_replica(x: Any) -> np.ndarray:
+  """pmap output -> the replica on one of this process's devices, as numpy.
+
+  Read from the device's own buffer: `x[0]` is a computation over the global
+  array, which every process has to run, and several of them in flight on CPU
+  deadlocked two processes in their gloo collectives.
+  """
+  if isinstance(x, jax.Array):
+    return np.asarray(x.addressable_shards[0].data)[0]
+  return np.asarray(x)[0]

@@ -121,6 +121,10 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
                  'opt_state': opt_state}
     metrics = {'loss': loss, 'accuracy': acc, 'learning_rate': schedule(state['step']),
                'grad_norm': optax.tree.norm(grads)}
+    if 'stop' in batch:  # Several processes: the largest signal any of them received.
+      stop = batch['stop']
+      metrics['stop'] = (jax.lax.pmax(stop, axis_name) if axis_name is not None
+                         else jnp.max(stop))
     return new_state, metrics
 
   return train_step
@@ -332,6 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           eval_every=int(config.eval_every_steps) or total,
           ckpt_every=int(config.checkpoint_every_steps) or total,
           global_batch=int(config.batch_size), lead=lead,
+          stop_flag=setup.par.put_stop_flag if jax.process_count() > 1 else None,
       ).run(state, train_iter, start_step, preempt)
 
 

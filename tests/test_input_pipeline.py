@@ -296,3 +296,73 @@ def test_overlapping_train_and_eval_slices_warn(folder_config, caplog, train_spl
     assert train_split in warnings[0] and eval_split in warnings[0]
   else:
     assert not warnings
+
+
+@pytest.fixture(scope='module')
+def tiny_stream_dir(tmp_path_factory):
+  """A real prepared TFDS dataset (mock_data ignores split slices and file order):
+  60 training records of 8x8 noise in 4 files, 9 eval records."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+
+  class ResnetJaxTinyStream(tfds.core.GeneratorBasedBuilder):  # Registers itself by this name.
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          'image': tfds.features.Image(shape=(8, 8, 3)),
+          'label': tfds.features.ClassLabel(names=list(CLASSES))}))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples(60, 0), 'test': self._generate_examples(9, 1)}
+
+    def _generate_examples(self, n, seed):
+      rng = np.random.default_rng(seed)
+      for i in range(n):
+        yield i, {'image': rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), 'label': i % 3}
+
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  ResnetJaxTinyStream(data_dir=data_dir).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(num_shards=4))
+  return data_dir
+
+
+def test_streaming_resume_reads_at_most_one_epoch_and_processes_read_disjoint_parts(
+    tiny_stream_dir):
+  """Resuming at step 43 (epoch 2 of 15-step epochs) reads only epoch 2's records, where the
+  old endless stream skipped all 172 records since step 0; the data stay a function of
+  (seed, step); two processes read disjoint parts."""
+  import tensorflow as tf
+  c = tiny_config(**{'dataset.name': 'resnet_jax_tiny_stream', 'dataset.data_dir': tiny_stream_dir,
+                     'dataset.eval_split': 'test', 'dataset.in_memory': 'never',
+                     'dataset.shuffle_buffer': 8})
+  data = ip.create_data(c)
+  assert isinstance(data.train_source, ip.StreamSource) and data.info.num_train == 60
+  reads = tf.Variable(0, dtype=tf.int64)
+  as_dataset = data.train_source.builder.as_dataset
+
+  def counting(*args, **kwargs):
+    return as_dataset(*args, **kwargs).map(lambda ex: (reads.assign_add(1), ex)[1])
+
+  data.train_source.builder.as_dataset = counting
+  full = data.train_iter(4)
+  full = [next(full) for _ in range(47)]
+  assert int(reads.numpy()) >= 3 * 60   # The counter counts: three epochs were read.
+  reads.assign(0)
+  resumed = data.train_iter(4, start_step=43)
+  for step in (43, 44):   # The rest of epoch 2 (steps 30..44).
+    b = next(resumed)
+    np.testing.assert_array_equal(b['image'], full[step]['image'], err_msg=str(step))
+  assert int(reads.numpy()) <= 60
+  for step in (45, 46):   # On into epoch 3.
+    np.testing.assert_array_equal(next(resumed)['image'], full[step]['image'])
+  assert not np.array_equal(full[0]['image'], full[15]['image'])   # Epochs differ in order.
+
+  # Two processes, 4 examples each per step: 7 steps per epoch from disjoint halves
+  # (without augmentation, so equal bytes mean the same record).
+  c.dataset.augment, c.dataset.flip = 'none', False
+  plain = ip.create_data(c)
+  seen = []
+  for pid in (0, 1):
+    it = plain.train_iter(4, 0, process_index=pid, process_count=2)
+    seen.append({im.tobytes() for _ in range(7) for im in next(it)['image']})
+  assert len(seen[0]) == len(seen[1]) == 28 and not seen[0] & seen[1]
