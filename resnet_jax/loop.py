@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import time
 from typing import Any, Callable, Iterator
 
 import jax
@@ -144,6 +145,7 @@ class Loop:
       return self.rep.eval_results(start_step, res, final=True)
     metrics = StepMetrics(self.get_metrics, start_step)
     progress = console.Progress(self.total, self.global_batch)
+    started = time.monotonic()
     results: dict[str, Any] = {}
     step = start_step
     while step < self.total:
@@ -156,6 +158,9 @@ class Loop:
       if step == start_step + 1:  # The compiled step: time the rest from here.
         metrics.finish_all()
         progress.first_step_done(step)
+        if self.lead:  # Mostly compilation: what the persistent compilation cache saves.
+          console.say(f'first step {step} done {time.monotonic() - started:.1f} s after the '
+                      'loop started (compiling it included)')
       if step % self.log_every == 0 or step == self.total:
         self._log(step, metrics.take(), progress)
       if step % self.eval_every == 0 or step == self.total:

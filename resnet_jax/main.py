@@ -31,7 +31,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from resnet_jax import distributed, saved_config  # noqa: E402  (both JAX-free)
+from resnet_jax import compile_cache, distributed, saved_config  # noqa: E402  (JAX-free imports)
 from resnet_jax.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -50,6 +50,9 @@ flags.DEFINE_enum('distributed', None, ['auto'], 'auto: take the three flags abo
                   'cluster (SLURM, Cloud TPU, Kubernetes, Open MPI); given ones win.')
 flags.DEFINE_integer('distributed_init_timeout', distributed.DEFAULT_INIT_TIMEOUT,
                      'Seconds for every process to connect to the coordinator.')
+flags.DEFINE_string('compilation_cache_dir', None, 'Where compiled XLA programs are kept so a '
+                    'rerun, resume or eval skips compiling (default: $JAX_COMPILATION_CACHE_DIR, '
+                    "else ~/.cache/resnet_jax/jax); 'none' switches the cache off.")
 flags.DEFINE_integer('heartbeat_timeout', distributed.DEFAULT_HEARTBEAT_TIMEOUT,
                      'Seconds of silence after which another process counts as dead and this '
                      'one stops (exit 4).')
@@ -172,6 +175,7 @@ def main(argv: list[str]) -> None:
   try:
     # Before anything starts a JAX backend (nothing above imports JAX).
     distributed.initialize(_distributed_options())
+    compile_cache.configure(FLAGS.compilation_cache_dir)
   except UserError as e:
     _fail(str(e))
   console.import_tensorflow_quietly()

@@ -38,6 +38,7 @@ def test_start_block_and_progress_lines_of_new_resumed_and_fine_tuned_runs(folde
   progress = [PROGRESS.match(l) for l in out.splitlines() if l.startswith('step ')]
   assert [(m.group(1), m.group(2)) for m in progress] == [('2', '4'), ('4', '4')]
   assert float(progress[0].group(5)) > 0 and progress[-1].group(6) != '-'  # lr, img/s
+  assert re.search(r'^first step 1 done \d+\.\d s after the loop started', out, re.M)
   assert 'stage1/block0/conv1/kernel' not in out  # The table is in the file only.
   table = open(os.path.join(workdir, 'parameters.txt')).read()
   assert re.search(r'^stage1/block0/conv1/kernel +\(3, 3, 4, 4\) +144  trainable$', table, re.M)
