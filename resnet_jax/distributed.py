@@ -14,7 +14,9 @@ that safe to use from the command line:
   that died (kill -9, out of memory, a lost node) leaves the others blocked in
   a collective that never completes; the watchdog ends them with one line
   naming the process, within `--heartbeat_timeout` seconds (exit 4). JAX's own
-  heartbeat check is set to twice that, as a backstop. When process 0 itself
+  heartbeat check is set to `JAX_HEARTBEAT_FACTOR` (4) times that, as a
+  backstop: at twice, a slow watchdog poll on a loaded machine sometimes lost
+  the race and the user saw JAX's abort (exit 134) instead of our line. When process 0 itself
   dies, JAX's client sees the coordinator's connection close and ends the
   others at once with its own fatal line ("Terminating process because the
   JAX distributed service detected fatal errors ... another task died") and
@@ -47,6 +49,7 @@ from resnet_jax.errors import UserError
 EXIT_PEER_LOST = 4           # Another process of the job died or stopped answering.
 KEY_PREFIX = 'resnet_jax'
 DEFAULT_INIT_TIMEOUT = 300   # s: every process must have connected by then.
+JAX_HEARTBEAT_FACTOR = 4  # JAX's own heartbeat limit, in units of ours (a backstop).
 DEFAULT_HEARTBEAT_TIMEOUT = 60  # s: a process silent for this long is taken for dead.
 
 
@@ -178,7 +181,7 @@ def initialize(opts: Options) -> bool:
         opts.coordinator_address, opts.num_processes, opts.process_id,
         # JAX's own limits are backstops behind ours (they abort with a stack trace).
         initialization_timeout=opts.init_timeout + 30,
-        heartbeat_timeout_seconds=2 * opts.heartbeat_timeout,
+        heartbeat_timeout_seconds=JAX_HEARTBEAT_FACTOR * opts.heartbeat_timeout,
         shutdown_timeout_seconds=opts.heartbeat_timeout)
   except (ValueError, TypeError, RuntimeError) as e:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]

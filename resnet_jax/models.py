@@ -31,12 +31,56 @@ head_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 TOP_LEVEL_ORDER = ('stem', 'stage1', 'stage2', 'stage3', 'stage4', 'head')
 
 
+class ExactBatchNorm(nn.Module):
+  """BatchNorm whose cross-device statistics are `reductions.exact_pmean`s.
+
+  flax's `nn.BatchNorm` averages its batch statistics with `lax.pmean`, whose
+  summation order depends on the collective's implementation (see
+  `reductions`); this one sums in device order, so training is bit-identical
+  on any split of the same devices into processes. Same parameters (`scale`,
+  `bias`), statistics (`mean`, `var`), momentum convention and one-pass
+  variance as flax's; used only with `config.exact_reductions`.
+  """
+  use_running_average: bool = False
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  axis_name: str | None = None
+  scale_init: Callable[..., Any] = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    from resnet_jax import reductions  # pylint: disable=import-outside-toplevel
+    features = x.shape[-1]
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    scale = self.param('scale', self.scale_init, (features,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      xf = x.astype(jnp.float32)
+      axes = tuple(range(x.ndim - 1))
+      moments = jnp.stack([xf.mean(axes), jnp.square(xf).mean(axes)])
+      if self.axis_name is not None:
+        moments = reductions.exact_pmean(moments, self.axis_name)
+      mean = moments[0]
+      var = jnp.maximum(0.0, moments[1] - jnp.square(mean))
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    mul = jax.lax.rsqrt(var + self.epsilon) * scale
+    y = (x.astype(jnp.float32) - mean) * mul + bias
+    return y.astype(self.dtype)
+
+
 class _Base(nn.Module):
   """Shared helpers: conv and BatchNorm built the same way everywhere."""
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
   bn_momentum: float = 0.9  # Flax convention: weight of the old average.
   frozen_bn: frozenset[str] = frozenset()
+  exact_bn: bool = False  # ExactBatchNorm (config.exact_reductions).
 
   def conv(self, features: int, kernel: int, strides: int, name: str) -> nn.Conv:
     pad = (kernel - 1) // 2
@@ -44,9 +88,10 @@ class _Base(nn.Module):
                    padding=((pad, pad), (pad, pad)), use_bias=False,
                    dtype=self.dtype, kernel_init=conv_init, name=name)
 
-  def norm(self, name: str, train: bool, zero_scale: bool = False) -> nn.BatchNorm:
+  def norm(self, name: str, train: bool, zero_scale: bool = False) -> nn.Module:
     path = '/'.join(self.path + (name,))
-    return nn.BatchNorm(
+    cls = ExactBatchNorm if self.exact_bn and self.bn_axis_name is not None else nn.BatchNorm
+    return cls(
         use_running_average=(not train) or path in self.frozen_bn,
         momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype,
         axis_name=self.bn_axis_name,
@@ -55,7 +100,7 @@ class _Base(nn.Module):
 
   def _children_kwargs(self) -> dict[str, Any]:
     return dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                bn_momentum=self.bn_momentum, frozen_bn=self.frozen_bn)
+                bn_momentum=self.bn_momentum, frozen_bn=self.frozen_bn, exact_bn=self.exact_bn)
 
 
 class BasicBlock(_Base):
@@ -202,7 +247,8 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 def create_model(model_config: Any, num_classes: int, *,
                  bn_axis_name: str | None = None,
                  frozen_bn: frozenset[str] = frozenset(),
-                 stop_gradient_after: str | None = None) -> ResNet:
+                 stop_gradient_after: str | None = None,
+                 exact_bn: bool = False) -> ResNet:
   """Builds the ResNet a `config.model` describes; bad names are UserErrors."""
   name = model_config.name
   if name not in ARCHS:
@@ -230,7 +276,7 @@ def create_model(model_config: Any, num_classes: int, *,
                 bn_axis_name=bn_axis_name,
                 bn_momentum=float(model_config.get('bn_momentum', 0.9)),
                 frozen_bn=frozenset(frozen_bn),
-                stop_gradient_after=stop_gradient_after)
+                stop_gradient_after=stop_gradient_after, exact_bn=exact_bn)
 
 
 def init_variables(model: ResNet, rng: jax.Array, image_size: int) -> dict[str, Any]:

@@ -7,6 +7,12 @@
   metrics over `axis_name` explicitly, and BatchNorm (given the same axis_name)
   averages its own statistics, so they are never averaged a second time.
 
+With `exact` (`config.exact_reductions`) every cross-device sum of training is
+`reductions.exact_psum`, in device order, so the run is bit-identical on any
+split of the same devices into processes; `jit` then runs the step body under
+`shard_map` over the mesh (axis `data`), as pmap does, since XLA's own
+reductions cannot be given an order.
+
 Multi-host: each process feeds its local slice of the global batch. `jit` builds
 global arrays from the local pieces; `pmap` is given the same global device list
 on every process (each process's devices contiguous, as its mesh needs) and
@@ -26,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from resnet_jax.errors import UserError
 
 PMAP_AXIS = 'batch'
+MESH_AXIS = 'data'
 MODES = ('jit', 'pmap')
 
 
@@ -47,24 +54,29 @@ def pmap_device_order(devices: list[Any]) -> list[Any]:
 class Parallel:
   """How arrays are placed and steps compiled for one parallelism mode."""
 
-  def __init__(self, mode: str = 'jit', devices: list[jax.Device] | None = None):
+  def __init__(self, mode: str = 'jit', devices: list[jax.Device] | None = None,
+               exact: bool = False):
     if mode not in MODES:
       raise UserError(f'config.parallelism: unknown mode {mode!r}; choose jit or pmap')
     self.mode = mode
+    self.exact = bool(exact)
     self.devices = list(devices) if devices is not None else jax.devices()
     if mode == 'pmap':
       self.devices = pmap_device_order(self.devices)
     self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
-    self.mesh = Mesh(np.asarray(self.devices), ('data',))
+    self.mesh = Mesh(np.asarray(self.devices), (MESH_AXIS,))
     self.replicated = NamedSharding(self.mesh, P())
-    self.batch_sharding = NamedSharding(self.mesh, P('data'))
+    self.batch_sharding = NamedSharding(self.mesh, P(MESH_AXIS))
     # pmap's per-process view: one slice per local device along a leading axis.
     self.stacked = (NamedSharding(Mesh(np.asarray(self.local_devices), ('replica',)), P('replica'))
                     if mode == 'pmap' and self.local_devices else None)
 
   @property
   def bn_axis_name(self) -> str | None:
-    return PMAP_AXIS if self.mode == 'pmap' else None
+    """The axis BatchNorm averages over: None where XLA's SPMD partitioner does it."""
+    if self.mode == 'pmap':
+      return PMAP_AXIS
+    return MESH_AXIS if self.exact else None
 
   def check_batch(self, field: str, global_batch: int) -> int:
     """Validates a global batch size and returns the per-process batch size."""
@@ -115,6 +127,13 @@ class Parallel:
   def compile(self, fn: Callable[..., Any], donate_state: bool = True) -> Callable[..., Any]:
     """Wraps fn(state, batch) -> (state_or_metrics, ...) for this mode."""
     donate = (0,) if donate_state else ()
+    if self.mode == 'jit' and self.exact:
+      # Replicated state and outputs, the batch split over the mesh; the body sums
+      # across devices itself (`reductions.exact_psum`). check_vma is off because
+      # values made replicated by an all_gather are typed as varying.
+      mapped = jax.shard_map(functools.partial(fn, axis_name=MESH_AXIS), mesh=self.mesh,
+                             in_specs=(P(), P(MESH_AXIS)), out_specs=P(), check_vma=False)
+      return jax.jit(mapped, donate_argnums=donate)
     if self.mode == 'jit':
       return jax.jit(fn, donate_argnums=donate)
     # The global list, identical on every process: pmap's mesh spans all of them and

@@ -21,7 +21,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from resnet_jax import adversarial, checkpointing, models, optim, parallel, presets, resume
+from resnet_jax import (adversarial, checkpointing, models, optim, parallel, presets, reductions,
+                        resume)
 from resnet_jax.errors import UserError
 from resnet_jax.loop import Preempted  # noqa: F401  (main catches train.Preempted)
 
@@ -36,7 +37,8 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
                     grad_accum_steps: int = 1, base_rng: jax.Array | None = None,
                     trainable: Any = None, attack: adversarial.Attack | None = None,
                     attack_model: models.ResNet | None = None,
-                    clean_fraction: float = 0.0) -> Callable[..., tuple[State, dict[str, jax.Array]]]:
+                    clean_fraction: float = 0.0,
+                    exact_reductions: bool = False) -> Callable[..., tuple[State, dict[str, jax.Array]]]:
   """One step body for jit and pmap; only `axis_name` differs between them.
 
   With `grad_accum_steps` = k the batch is cut into k strided micro-batches
@@ -55,6 +57,10 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
   adversarial examples, made by `attack_model` (the model without the
   stop-gradient boundary) in train mode from the step's parameters; see
   `adversarial` for why. The first `clean_fraction` of the batch stays clean.
+
+  With `exact_reductions` the cross-device means (gradients, loss, accuracy)
+  are `reductions.exact_pmean`: the same bits on any split of the devices
+  into processes (the model's BatchNorm must then be `ExactBatchNorm`).
   """
   base_rng = jax.random.key(0) if base_rng is None else base_rng
   attack_model = model if attack_model is None else attack_model
@@ -113,8 +119,8 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
     if axis_name is not None:
       # BatchNorm was given the same axis_name and already averaged its statistics;
       # averaging them again is not exact on 3 or 6 devices and would move frozen ones.
-      grads = jax.lax.pmean(grads, axis_name)
-      loss, acc = jax.lax.pmean((loss, acc), axis_name)
+      grads = reductions.pmean(grads, axis_name, exact_reductions)
+      loss, acc = reductions.pmean((loss, acc), axis_name, exact_reductions)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     new_state = {'step': state['step'] + 1, 'params': params, 'batch_stats': batch_stats,
@@ -123,8 +129,8 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
                'grad_norm': optax.tree.norm(grads)}
     if 'stop' in batch:  # Several processes: the largest signal any of them received.
       stop = batch['stop']
-      metrics['stop'] = (jax.lax.pmax(stop, axis_name) if axis_name is not None
-                         else jnp.max(stop))
+      metrics['stop'] = jnp.max(jax.lax.pmax(stop, axis_name) if axis_name is not None
+                                else stop)
     return new_state, metrics
 
   return train_step
@@ -222,7 +228,8 @@ class Setup:
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int, num_train: int,
                image_size: int):
     self.config = config
-    self.par = parallel.Parallel(config.get('parallelism', 'jit'))
+    exact = bool(config.get('exact_reductions', False))
+    self.par = parallel.Parallel(config.get('parallelism', 'jit'), exact=exact)
     self.local_batch = self.par.check_batch('config.batch_size', int(config.batch_size))
     self.local_eval_batch = self.par.check_batch('config.eval_batch_size',
                                                  int(config.eval_batch_size))
@@ -243,12 +250,13 @@ class Setup:
     self.model = models.create_model(config.model, num_classes,
                                      bn_axis_name=self.par.bn_axis_name,
                                      frozen_bn=self.spec.frozen_bn,
-                                     stop_gradient_after=self.spec.stop_gradient_after)
+                                     stop_gradient_after=self.spec.stop_gradient_after,
+                                     exact_bn=exact)
     self.eval_model = models.create_model(config.model, num_classes)
     # The attack needs the gradient down to the input: no stop-gradient boundary.
     self.attack_model = models.create_model(config.model, num_classes,
                                             bn_axis_name=self.par.bn_axis_name,
-                                            frozen_bn=self.spec.frozen_bn)
+                                            frozen_bn=self.spec.frozen_bn, exact_bn=exact)
 
   def make_state(self, variables: dict[str, Any]) -> State:
     params = variables['params']
@@ -270,7 +278,8 @@ class Setup:
         int(self.config.get('grad_accum_steps', 1)), self.dropout_rng,
         trainable=optim.trainable_mask(self.spec, self.fresh_variables['params']),
         attack=adversarial.train_attack(self.config), attack_model=self.attack_model,
-        clean_fraction=float(self.config.get('adversarial', {}).get('clean_fraction', 0.0)))
+        clean_fraction=float(self.config.get('adversarial', {}).get('clean_fraction', 0.0)),
+        exact_reductions=self.par.exact)
     return self.par.compile(train_step), self.eval_step()
 
   def eval_step(self):

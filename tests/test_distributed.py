@@ -52,13 +52,17 @@ def _env(**extra):
 
 
 def _settings(folder, mode='jit'):
-  """The runs' config fields: the same for the command line and in-process runs."""
+  """The runs' config fields: the same for the command line and in-process runs.
+
+  `mode`: jit or pmap, with an `x` for exact (topology-independent) reductions.
+  """
   return {'model.name': 'resnet20', 'model.width_multiplier': 0.25, 'dataset.image_size': 8,
           'dataset.crop_padding': 1, 'batch_size': 16, 'eval_batch_size': 8,
           'optimizer.learning_rate': 0.02, 'num_train_steps': STEPS, 'log_every_steps': 1,
           'eval_every_steps': 0, 'checkpoint_every_steps': 2, 'keep_checkpoints': STEPS,
           'schedule.warmup_steps': 1, 'dataset.name': 'image_folder', 'dataset.data_dir': folder,
-          'dataset.eval_split': 'test', 'parallelism': mode}
+          'dataset.eval_split': 'test', 'parallelism': mode.rstrip('x'),
+          'exact_reductions': mode.endswith('x')}
 
 
 def _flags(folder, workdir, mode='jit'):
@@ -148,7 +152,7 @@ class Runs:
     return os.path.join(self.root, name)
 
   def get(self, name):
-    """'jit-2x2', 'jit-1x4', 'pmap-2x2', 'pmap-1x4': the workdir of a finished run."""
+    """'<mode>-2x2' or '<mode>-1x4' (mode: jit, pmap, jitx, pmapx): a finished run's workdir."""
     if name not in self.done:
       mode, topology = name.split('-')
       if topology == '2x2':
@@ -163,13 +167,21 @@ def runs(tmp_path_factory):
   return Runs(str(tmp_path_factory.mktemp('dist')))
 
 
-@pytest.mark.parametrize('mode', ['jit', 'pmap'])
+@pytest.mark.parametrize('mode', ['jit', 'jitx', 'pmapx'])
 def test_two_processes_train_as_one_process_with_as_many_devices(runs, mode):
+  """jit with XLA's reductions: equal within the module's tolerance. With exact
+  reductions (jitx, pmapx): bit for bit, every loss and every final array.
+
+  (pmap with lax.pmean across two real processes: test_parallel.py.)"""
   two, one = runs.get(f'{mode}-2x2'), runs.get(f'{mode}-1x4')
   l2, l1 = _losses(two), _losses(one)
-  np.testing.assert_allclose(l2, l1, rtol=RTOL, atol=ATOL)
   assert l1[0] - l1.min() > 0.2   # It trained: far more than the tolerance.
-  _assert_close(_final_state(two), _final_state(one), mode)
+  if mode.endswith('x'):
+    np.testing.assert_array_equal(l2, l1)
+    _assert_identical(_final_state(two), _final_state(one))
+  else:
+    np.testing.assert_allclose(l2, l1, rtol=RTOL, atol=ATOL)
+    _assert_close(_final_state(two), _final_state(one), mode)
   # One writer: one TensorBoard file, every eval example counted once.
   assert len([f for f in os.listdir(two) if f.startswith('events.out.tfevents')]) == 1
   r2, r1 = (json.load(open(os.path.join(w, 'eval_results.json'))) for w in (two, one))
