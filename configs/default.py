@@ -97,6 +97,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.adversarial.eval_steps = 0   # PGD-k robust accuracy at evaluation; 0 = none.
   c.adversarial.eval_step_size = 2.0
 
+  # Exponential moving average of the weights and BatchNorm statistics (resnet_jax/ema.py);
+  # every evaluation scores both (accuracy, ema_accuracy).
+  c.ema = ml_collections.ConfigDict()
+  c.ema.decay = 0.0              # 0 = off; e.g. 0.999 (per step).
+  c.ema.warmup = True            # decay_t = min(decay, (1 + t) / (10 + t)).
+  c.ema.rank_by = 'raw'          # Which accuracy ranks the best checkpoint: 'raw' or 'ema'.
+
   c.log_every_steps = 50
   c.eval_every_steps = 0         # 0 = at the end only.
   c.checkpoint_every_steps = 500

@@ -107,7 +107,8 @@ class StepMetrics:
 
 
 def results_brief(results: dict[str, Any]) -> dict[str, Any]:
-  return {k: results[k] for k in ('step', 'accuracy', 'loss', 'num_examples') if k in results}
+  return {k: results[k] for k in ('step', 'accuracy', 'ema_accuracy', 'loss', 'num_examples')
+          if k in results}
 
 
 @dataclasses.dataclass
@@ -133,6 +134,7 @@ class Loop:
   # so all stop at the same step, one or two steps after the signal. No extra
   # collective or host round trip: one int per device rides with the batch.
   stop_flag: Callable[[int], Any] | None = None
+  rank_key: str = 'accuracy'  # 'ema_accuracy' with config.ema.rank_by = 'ema'.
 
   def run(self, state: Any, batches: Iterator[Any], start_step: int,
           preempt: Preemption) -> dict[str, Any]:
@@ -220,7 +222,7 @@ class Loop:
             f'(learning rate too high?); stopped, no report or checkpoint of it was written')
       results = self.rep.eval_results(step, res, final=final)
       meta = {**self.meta, 'eval': results_brief(results)}
-      metrics = {'accuracy': results['accuracy']}
+      metrics = {'accuracy': results[self.rank_key]}  # What ranks the best checkpoint.
     finally:
       if save:
         self.ckpt.save(step, host, meta, metrics=metrics)

@@ -40,6 +40,8 @@ config_flags.DEFINE_config_file('config', None, 'Path to an experiment config fi
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and reports.')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (resumes if possible) or eval.')
 flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'], 'Which checkpoint --mode=eval uses.')
+flags.DEFINE_enum('weights', 'raw', ['raw', 'ema'], '--mode=eval: the trained weights or their '
+                  'moving average (config.ema).')
 flags.DEFINE_string('report_dir', None, '--mode=eval: write the reports here instead of the '
                     'workdir (a read-only workdir without it: stdout only).')
 flags.DEFINE_string('coordinator_address', None, 'Several processes: HOST:PORT of process 0, '
@@ -183,7 +185,8 @@ def main(argv: list[str]) -> None:
   workdir = os.path.abspath(FLAGS.workdir)
   try:
     if FLAGS.mode == 'eval':
-      train.evaluate_checkpoint(FLAGS.config, workdir, FLAGS.checkpoint, FLAGS.report_dir)
+      train.evaluate_checkpoint(FLAGS.config, workdir, FLAGS.checkpoint, FLAGS.report_dir,
+                                FLAGS.weights)
     else:
       train.train_and_evaluate(FLAGS.config, workdir)
   except UserError as e:

@@ -158,7 +158,7 @@ class Reporter:
     self._history({'kind': 'train', 'step': step, **means})
 
   def eval_results(self, step: int, res: dict[str, Any], final: bool,
-                   checkpoint: str | None = None) -> dict[str, Any]:
+                   checkpoint: str | None = None, weights: str | None = None) -> dict[str, Any]:
     """Writes eval_results.json and the pictures (and at the end, the table).
 
     `top5_accuracy` is always there: the fraction whose label is among the five
@@ -171,20 +171,27 @@ class Reporter:
                'num_examples': res['num_examples']}
     if 'robust_accuracy' in res:  # adversarial.eval_steps > 0: PGD-k accuracy, same examples.
       results['robust_accuracy'] = res['robust_accuracy']
+    averaged = {k: res[k] for k in ('ema_accuracy', 'ema_top5_accuracy', 'ema_loss') if k in res}
+    results.update(averaged)  # config.ema: the averaged weights on the same examples.
     if checkpoint:
       results['checkpoint'] = checkpoint
+    if weights:
+      results['weights'] = weights  # --mode=eval --weights: raw or ema.
     results.update(report)
     results['class_names'] = self.class_names
     results['confusion_matrix'] = confusion.tolist()
     self.writer.write_scalars(step, {f'eval/{k}': results[k] for k in
-                                     ('accuracy', 'loss', 'top5_accuracy', 'robust_accuracy')
+                                     ('accuracy', 'loss', 'top5_accuracy', 'robust_accuracy',
+                                      'ema_accuracy', 'ema_loss', 'ema_top5_accuracy')
                                      if k in results})
     robust = {'robust_accuracy': res['robust_accuracy']} if 'robust_accuracy' in res else {}
+    ema_part = {k: averaged[k] for k in ('ema_accuracy', 'ema_loss') if k in averaged}
     self._history({'kind': 'eval', 'step': int(step), 'accuracy': res['accuracy'],
-                   'loss': res['loss'], **robust})
-    logging.info('Eval at step %d: accuracy %.4f, loss %.4f over %d examples%s', step,
+                   'loss': res['loss'], **robust, **ema_part})
+    logging.info('Eval at step %d: accuracy %.4f, loss %.4f over %d examples%s%s', step,
                  res['accuracy'], res['loss'], res['num_examples'],
-                 f', robust accuracy {res["robust_accuracy"]:.4f}' if robust else '')
+                 f', robust accuracy {res["robust_accuracy"]:.4f}' if robust else '',
+                 f', EMA accuracy {averaged["ema_accuracy"]:.4f}' if averaged else '')
     if self.lead:
       path = os.path.join(self.workdir, 'eval_results.json')
       with open(path + '.tmp', 'w') as f:
@@ -195,6 +202,9 @@ class Reporter:
         if robust:
           print(f'accuracy {res["accuracy"]:.4f} clean, {res["robust_accuracy"]:.4f} robust '
                 '(adversarial.eval_steps PGD steps)', flush=True)
+        if averaged:
+          print(f'accuracy {res["accuracy"]:.4f} raw weights, {averaged["ema_accuracy"]:.4f} '
+                'EMA weights', flush=True)
       self._save_pngs(confusion)
     return results
 

@@ -34,7 +34,9 @@ RESUME_FIELDS = ('seed', 'batch_size', 'num_train_steps', 'num_epochs', 'grad_ac
                  'finetune.lr_multipliers',
                  # The training attack; adversarial.eval_* may change (they only score).
                  'adversarial.train', 'adversarial.epsilon', 'adversarial.step_size',
-                 'adversarial.steps', 'adversarial.clean_fraction')
+                 'adversarial.steps', 'adversarial.clean_fraction',
+                 # What the weight average holds (ema.rank_by may change).
+                 'ema.decay', 'ema.warmup')
 # Changing these changes the optimizer state's layout (its partition or its transforms).
 OPTIMIZER_LAYOUT_PREFIXES = ('config.optimizer.', 'config.finetune.')
 
@@ -169,9 +171,11 @@ def restore_or_init(config: Any, workdir: str, setup: Any, class_names: list[str
   reader = checkpointing.Checkpointer(workdir, read_only=True)
   try:
     abstract = jax.device_get(setup.make_state(setup.fresh_variables))
+    newest = _newest_meta(reader)
     relayout = bool(config.get('allow_resume_changes', False)) and any(
         c.startswith(OPTIMIZER_LAYOUT_PREFIXES)
-        for c in resume_changes(config, _newest_meta(reader), workdir, num_train))
+        for c in resume_changes(config, newest, workdir, num_train))
+    abstract = _abstract_ema_as_saved(abstract, saved_fields(newest, workdir))
     restored = reader.restore_newest_valid(None if relayout else abstract, check_meta=check)
     if restored is None:
       raise UserError(f'workdir {workdir}: none of its checkpoints {reader.steps()} can be '
@@ -179,13 +183,45 @@ def restore_or_init(config: Any, workdir: str, setup: Any, class_names: list[str
   finally:
     reader.close()
   step, state, _ = restored
+  state = _fit_ema(config, setup, state, step)
   if relayout or any(c.startswith(OPTIMIZER_LAYOUT_PREFIXES) for c in allowed):
     variables = _variables_that_fit(state, setup.fresh_variables, step, workdir)
+    average = state.get('ema')
     state = setup.make_state(variables)
     state['step'] = np.asarray(step, np.int32)
+    if average is not None and 'ema' in state:
+      state['ema'] = average  # The weight average is not the optimizer's: it carries on.
     logging.warning('The optimizer or what is frozen changed (allow_resume_changes): parameters '
                     'and statistics of step %d are kept, the optimizer state starts afresh.', step)
   return step, state
+
+
+def _abstract_ema_as_saved(abstract: Any, saved: dict[str, Any]) -> Any:
+  """The restore target with a weight average exactly when the checkpoint has one.
+
+  (A change of ema.decay on resume is refused unless allowed; `_fit_ema` then
+  starts or drops the average after the restore.)
+  """
+  from resnet_jax import ema  # pylint: disable=import-outside-toplevel
+  saved_on = float(saved.get('ema.decay') or 0.0) > 0
+  if saved_on and 'ema' not in abstract:
+    return {**abstract, 'ema': ema.init(abstract)}
+  if not saved_on and 'ema' in abstract:
+    return {k: v for k, v in abstract.items() if k != 'ema'}
+  return abstract
+
+
+def _fit_ema(config: Any, setup: Any, state: Any, step: int) -> Any:
+  """An allowed switch of the EMA (on or off) on resume: start it from the weights, or drop it."""
+  from resnet_jax import ema  # pylint: disable=import-outside-toplevel
+  del setup
+  if ema.enabled(config) and 'ema' not in state:
+    logging.warning('The checkpoint at step %d has no weight average: config.ema starts it from '
+                    'the weights of that step.', step)
+    return {**state, 'ema': ema.init(state)}
+  if not ema.enabled(config) and 'ema' in state:
+    return {k: v for k, v in state.items() if k != 'ema'}
+  return state
 
 
 def _newest_meta(reader: checkpointing.Checkpointer) -> dict[str, Any]:
@@ -210,11 +246,12 @@ def _variables_that_fit(state: Any, fresh: dict[str, Any], step: int, workdir: s
 
 
 def restore_variables(config: Any, workdir: str, which: str, class_names: list[str] | None,
-                      fresh: dict[str, Any] | None, flag: str, hint: str
-                      ) -> tuple[int, dict[str, Any], dict[str, Any]]:
+                      fresh: dict[str, Any] | None, flag: str, hint: str,
+                      weights: str = 'raw') -> tuple[int, dict[str, Any], dict[str, Any]]:
   """(step, {'params', 'batch_stats'}, meta) of the best or newest readable checkpoint.
 
-  For evaluation, prediction and export: only the model's variables are read,
+  For evaluation, prediction and export: only the model's variables are read
+  (the trained ones, or with `weights='ema'` the weight average),
   so a checkpoint restores whatever optimizer it was trained with. The model's
   shape and classes are checked against the checkpoint's meta first, then the
   variables name by name against `fresh` (the model's own initial variables),
@@ -237,6 +274,13 @@ def restore_variables(config: Any, workdir: str, which: str, class_names: list[s
   if restored is None:
     raise UserError(f'{flag}: no readable checkpoint in {directory}')
   step, state, meta = restored
+  if weights == 'ema':  # The weight average (config.ema) instead of the trained weights.
+    if 'ema' not in state:
+      raise UserError(f'--weights=ema: {_where(step, workdir)} holds no weight average (it was '
+                      'trained with config.ema.decay = 0); use --weights=raw')
+    state = state['ema']
+  elif weights != 'raw':
+    raise UserError(f"--weights: choose raw or ema, got {weights!r}")
   if fresh is None:
     return step, {'params': state['params'], 'batch_stats': state.get('batch_stats', {})}, meta
   return step, _variables_that_fit(state, fresh, step, workdir), meta

@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from resnet_jax import (adversarial, checkpointing, models, optim, parallel, presets, reductions,
-                        resume)
+from resnet_jax import (adversarial, checkpointing, ema, models, optim, parallel, presets,
+                        reductions, resume)
 from resnet_jax.errors import UserError
 from resnet_jax.loop import Preempted  # noqa: F401  (main catches train.Preempted)
 
@@ -38,7 +38,9 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
                     trainable: Any = None, attack: adversarial.Attack | None = None,
                     attack_model: models.ResNet | None = None,
                     clean_fraction: float = 0.0,
-                    exact_reductions: bool = False) -> Callable[..., tuple[State, dict[str, jax.Array]]]:
+                    exact_reductions: bool = False, ema_decay: float = 0.0,
+                    ema_warmup: bool = True, ema_moving: Any = None
+                    ) -> Callable[..., tuple[State, dict[str, jax.Array]]]:
   """One step body for jit and pmap; only `axis_name` differs between them.
 
   With `grad_accum_steps` = k the batch is cut into k strided micro-batches
@@ -61,6 +63,9 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
   With `exact_reductions` the cross-device means (gradients, loss, accuracy)
   are `reductions.exact_pmean`: the same bits on any split of the devices
   into processes (the model's BatchNorm must then be `ExactBatchNorm`).
+
+  With `ema_decay` > 0 the state carries `ema` (`ema.update` after the
+  optimizer; `ema_moving` marks the leaves it averages, the rest are copied).
   """
   base_rng = jax.random.key(0) if base_rng is None else base_rng
   attack_model = model if attack_model is None else attack_model
@@ -125,6 +130,9 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
     params = optax.apply_updates(state['params'], updates)
     new_state = {'step': state['step'] + 1, 'params': params, 'batch_stats': batch_stats,
                  'opt_state': opt_state}
+    if ema_decay > 0:
+      new_state['ema'] = ema.update(state['ema'], {'params': params, 'batch_stats': batch_stats},
+                                    state['step'], ema_decay, ema_warmup, ema_moving)
     metrics = {'loss': loss, 'accuracy': acc, 'learning_rate': schedule(state['step']),
                'grad_norm': optax.tree.norm(grads)}
     if 'stop' in batch:  # Several processes: the largest signal any of them received.
@@ -177,14 +185,31 @@ def make_eval_step(model: models.ResNet, num_classes: int,
 
 def evaluate(par: parallel.Parallel, eval_step: Callable[..., Any], state: Any,
              batches: Any) -> dict[str, Any]:
-  """Runs eval_step over all batches; returns totals with every example counted once."""
+  """Runs eval_step over all batches; returns totals with every example counted once.
+
+  A state with an EMA (`ema`) is scored twice per batch, raw and averaged;
+  the averaged model's figures come back as `ema_accuracy`, `ema_loss` and
+  `ema_top5_accuracy`.
+  """
   totals = None
+  averaged = ema.variables(state) if 'ema' in state else None
   for batch in batches:
-    sums = eval_step(state, par.put_batch(batch))
+    batch = par.put_batch(batch)
+    sums = {'raw': eval_step(state, batch)}
+    if averaged is not None:
+      sums['ema'] = eval_step(averaged, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     raise UserError('config.dataset.eval_split: the eval split is empty')
   totals = par.get_metrics(totals)
+  out = _rates(totals['raw'])
+  if 'ema' in totals:
+    averaged_out = _rates(totals['ema'])
+    out.update({f'ema_{k}': averaged_out[k] for k in ('accuracy', 'loss', 'top5_accuracy')})
+  return out
+
+
+def _rates(totals: dict[str, Any]) -> dict[str, Any]:
   n = float(totals['count'])
   out = {'num_examples': int(round(n)), 'loss': float(totals['loss']) / n,
          'accuracy': float(totals['correct']) / n,
@@ -217,6 +242,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                     'divided by it')
   models.create_model(config.model, num_classes=1)
   adversarial.check_config(config)
+  ema.check_config(config)
   presets.check_preset(config)
   optim.check_schedule(config)
   optim.check_optimizer(config)
@@ -261,9 +287,12 @@ class Setup:
   def make_state(self, variables: dict[str, Any]) -> State:
     params = variables['params']
     self.tx = optim.make_optimizer(self.config, self.spec, params, self.schedule)
-    return {'step': jnp.asarray(0, jnp.int32), 'params': params,
-            'batch_stats': variables.get('batch_stats', {}),
-            'opt_state': self.tx.init(params)}
+    state = {'step': jnp.asarray(0, jnp.int32), 'params': params,
+             'batch_stats': variables.get('batch_stats', {}),
+             'opt_state': self.tx.init(params)}
+    if ema.enabled(self.config):
+      state['ema'] = ema.init(state)
+    return state
 
   def evaluate(self, eval_step: Callable[..., Any], state: Any, data: Any) -> dict[str, Any]:
     """Scores the whole eval split (this process's shard) with `eval_step`."""
@@ -272,14 +301,18 @@ class Setup:
                                    jax.process_count()))
 
   def steps(self):
+    trainable = optim.trainable_mask(self.spec, self.fresh_variables['params'])
     train_step = make_train_step(
         self.model, self.tx, self.schedule, self.num_classes,
         float(self.config.get('label_smoothing', 0.0)),
         int(self.config.get('grad_accum_steps', 1)), self.dropout_rng,
-        trainable=optim.trainable_mask(self.spec, self.fresh_variables['params']),
+        trainable=trainable,
         attack=adversarial.train_attack(self.config), attack_model=self.attack_model,
         clean_fraction=float(self.config.get('adversarial', {}).get('clean_fraction', 0.0)),
-        exact_reductions=self.par.exact)
+        exact_reductions=self.par.exact, ema_decay=ema.decay(self.config),
+        ema_warmup=bool(self.config.get('ema', {}).get('warmup', True)),
+        ema_moving=ema.moving_mask(trainable, self.fresh_variables.get('batch_stats', {}),
+                                   self.spec.frozen_bn))
     return self.par.compile(train_step), self.eval_step()
 
   def eval_step(self):
@@ -346,6 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           ckpt_every=int(config.checkpoint_every_steps) or total,
           global_batch=int(config.batch_size), lead=lead,
           stop_flag=setup.par.put_stop_flag if jax.process_count() > 1 else None,
+          rank_key='ema_accuracy' if config.get('ema', {}).get('rank_by') == 'ema' else 'accuracy',
       ).run(state, train_iter, start_step, preempt)
 
 
@@ -403,7 +437,7 @@ def _train_batches(config: ml_collections.ConfigDict, data: Any, setup: Setup,
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = 'latest',
-                        report_dir: str | None = None) -> dict[str, Any]:
+                        report_dir: str | None = None, weights: str = 'raw') -> dict[str, Any]:
   """--mode=eval: evaluates the newest (or best) checkpoint and writes the report.
 
   Only the model's variables are read, so any optimizer the checkpoint was
@@ -425,14 +459,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
   hint = ('evaluate with the config it was trained with (leave out --config to use the '
           "workdir's config.json)")
   step, variables, _ = resume.restore_variables(config, workdir, which, info.class_names,
-                                                setup.fresh_variables, '--mode=eval', hint)
+                                                setup.fresh_variables, '--mode=eval', hint,
+                                                weights=weights)
   out_dir = _report_dir(workdir, report_dir)
   # Reporter writes files; for stdout only they go to a scratch folder that is removed.
   scratch = tempfile.mkdtemp(prefix='resnet_jax_eval_') if out_dir is None else None
   rep = reporting.Reporter(out_dir or scratch, info.class_names, setup.total_steps)
   try:
     res = setup.evaluate(eval_step, setup.par.put_state(variables), data)
-    results = rep.eval_results(step, res, final=True, checkpoint=which)
+    results = rep.eval_results(step, res, final=True, checkpoint=which, weights=weights)
   finally:
     rep.close()
     if scratch:

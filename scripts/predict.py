@@ -28,6 +28,8 @@ flags.DEFINE_string('workdir', None, 'A workdir written by resnet_jax.main.')
 flags.DEFINE_integer('top_k', 5, 'How many classes to print per image.')
 flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint to use.')
 flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.')
+flags.DEFINE_enum('weights', 'raw', ['raw', 'ema'], 'The trained weights or their moving '
+                  'average (a run with config.ema.decay > 0).')
 flags.DEFINE_string('exported', None, 'An export directory of scripts/export.py (instead of '
                     '--workdir).')
 FLAGS = flags.FLAGS
@@ -52,7 +54,7 @@ def list_images(paths: list[str]) -> list[str]:
 
 
 def predict(workdir: str, paths: list[str], top_k: int = 5, which: str = 'best',
-            batch_size: int = 32, config: Any = None
+            batch_size: int = 32, config: Any = None, weights: str = 'raw'
             ) -> list[tuple[str, list[tuple[str, float]]]]:
   """Returns [(path, [(class name, probability), ...]), ...]; unreadable files are skipped.
 
@@ -73,7 +75,7 @@ def predict(workdir: str, paths: list[str], top_k: int = 5, which: str = 'best',
     config = saved_config.load(workdir)
   hint = "predict with the config it was trained with (leave out --config to use config.json)"
   step, variables, meta = resume.restore_variables(config, workdir, which, None, None,
-                                                   '--workdir', hint)
+                                                   '--workdir', hint, weights=weights)
   class_names = [str(c) for c in meta.get('class_names') or []]
   if not class_names:
     raise UserError(f'--workdir: checkpoint {step} in {workdir} names no classes (a converted '
@@ -143,7 +145,7 @@ def main(argv):
       results = predict_exported(FLAGS.exported, argv[1:], FLAGS.top_k, FLAGS.batch_size)
     else:
       results = predict(FLAGS.workdir, argv[1:], FLAGS.top_k, FLAGS.checkpoint,
-                        FLAGS.batch_size, FLAGS.config)
+                        FLAGS.batch_size, FLAGS.config, FLAGS.weights)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

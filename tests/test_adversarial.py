@@ -148,3 +148,22 @@ def test_a_workdir_from_before_the_adversarial_fields_can_be_scored_for_robustne
   config = saved_config.load(str(tmp_path))
   assert config.adversarial.eval_steps == 0 and config.finetune.preset == 'full'
   assert config.optimizer.learning_rate == 0.03  # The workdir's own values stay.
+
+
+def test_final_console_line_gives_clean_and_robust_accuracy_and_the_ema_one(tmp_path, capsys):
+  """The final report ends with one line per extra figure: robust (adversarial.eval_steps)
+  and the weight average (config.ema), each beside the clean accuracy."""
+  import numpy as np
+
+  from resnet_jax import reporting
+  rep = reporting.Reporter(str(tmp_path), ['a', 'b'], 10)
+  try:
+    rep.eval_results(10, {'accuracy': 0.75, 'robust_accuracy': 0.25, 'top5_accuracy': 1.0,
+                          'loss': 0.5, 'num_examples': 4, 'ema_accuracy': 0.5,
+                          'ema_loss': 0.6, 'ema_top5_accuracy': 1.0,
+                          'confusion': np.asarray([[2, 0], [1, 1]])}, final=True)
+  finally:
+    rep.close()
+  out = capsys.readouterr().out
+  assert 'accuracy 0.7500 clean, 0.2500 robust' in out
+  assert 'accuracy 0.7500 raw weights, 0.5000 EMA weights' in out

@@ -92,9 +92,11 @@ def test_rerun_of_a_finished_workdir_does_not_train_again(folder_config, tmp_pat
 
 
 def test_interrupted_run_resumes_to_bit_identical_parameters(folder_config, tmp_path, monkeypatch):
-  """SIGTERM at step 3 saves a checkpoint; the rerun ends where an uninterrupted run ends."""
+  """SIGTERM at step 3 saves a checkpoint; the rerun ends where an uninterrupted run ends,
+  the weight average (config.ema) included."""
   folder_config.num_train_steps = 6
   folder_config.checkpoint_every_steps = 0
+  folder_config.ema.decay = 0.9
   straight = str(tmp_path / 'straight')
   train.train_and_evaluate(folder_config, straight)
 
@@ -112,6 +114,7 @@ def test_interrupted_run_resumes_to_bit_identical_parameters(folder_config, tmp_
   _assert_trees_equal(a['params'], b['params'])
   _assert_trees_equal(a['batch_stats'], b['batch_stats'])
   _assert_trees_equal(a['opt_state'], b['opt_state'])
+  _assert_trees_equal(a['ema'], b['ema'])
 
 
 def _no_reports(workdir):
