@@ -53,6 +53,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_epochs = 1.0
   c.grad_accum_steps = 1
   c.label_smoothing = 0.0
+  c.loss = 'softmax_xent'        # or 'sigmoid_bce' (ResNet strikes back); evaluation: softmax.
+
+  # mixup / CutMix in the train step (resnet_jax/mixing.py), as timm's Mixup, per batch.
+  c.mixup = ml_collections.ConfigDict()
+  c.mixup.alpha = 0.0            # Beta(alpha, alpha) blend; 0 = off.
+  c.mixup.prob = 1.0             # Probability that a batch is mixed at all.
+  c.mixup.switch_prob = 0.5      # With both on: probability of CutMix instead of mixup.
+  c.cutmix = ml_collections.ConfigDict()
+  c.cutmix.alpha = 0.0           # Beta(alpha, alpha) box area; 0 = off.
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'sgd'       # 'sgd' or 'adamw'.

@@ -36,7 +36,9 @@ RESUME_FIELDS = ('seed', 'batch_size', 'num_train_steps', 'num_epochs', 'grad_ac
                  'adversarial.train', 'adversarial.epsilon', 'adversarial.step_size',
                  'adversarial.steps', 'adversarial.clean_fraction',
                  # What the weight average holds (ema.rank_by may change).
-                 'ema.decay', 'ema.warmup')
+                 'ema.decay', 'ema.warmup',
+                 # What the step trains on and against.
+                 'loss', 'mixup.*', 'cutmix.*')
 # Changing these changes the optimizer state's layout (its partition or its transforms).
 OPTIMIZER_LAYOUT_PREFIXES = ('config.optimizer.', 'config.finetune.')
 

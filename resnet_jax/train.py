@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from resnet_jax import (adversarial, checkpointing, ema, models, optim, parallel, presets,
-                        reductions, resume)
+from resnet_jax import (adversarial, checkpointing, ema, mixing, models, optim, parallel,
+                        presets, reductions, resume)
 from resnet_jax.errors import UserError
 from resnet_jax.loop import Preempted  # noqa: F401  (main catches train.Preempted)
 
@@ -39,7 +39,9 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
                     attack_model: models.ResNet | None = None,
                     clean_fraction: float = 0.0,
                     exact_reductions: bool = False, ema_decay: float = 0.0,
-                    ema_warmup: bool = True, ema_moving: Any = None
+                    ema_warmup: bool = True, ema_moving: Any = None,
+                    mix: dict[str, float] | None = None, num_shards: int = 1,
+                    loss_kind: str = 'softmax_xent'
                     ) -> Callable[..., tuple[State, dict[str, jax.Array]]]:
   """One step body for jit and pmap; only `axis_name` differs between them.
 
@@ -66,6 +68,11 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
 
   With `ema_decay` > 0 the state carries `ema` (`ema.update` after the
   optimizer; `ema_moving` marks the leaves it averages, the rest are copied).
+
+  `mix` (`mixing.settings`) mixes each batch (mixup/CutMix) before anything else,
+  pairing examples within each of its `num_shards` device shards (the device
+  count under plain jit, 1 per device under pmap); `loss_kind` is
+  `mixing.loss`'s. Accuracy counts the dominant label.
   """
   base_rng = jax.random.key(0) if base_rng is None else base_rng
   attack_model = model if attack_model is None else attack_model
@@ -82,24 +89,31 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
     adv = attack(losses, images, jax.random.fold_in(rng, 1))
     return adversarial.mix_clean(images, adv, clean_fraction).astype(images.dtype)
 
-  def loss_fn(params, batch_stats, images, labels, rng):
+  def loss_fn(params, batch_stats, images, targets, labels, rng):
     logits, mutated = model.apply({'params': params, 'batch_stats': batch_stats}, images,
                                   train=True, mutable=['batch_stats'], rngs={'dropout': rng})
-    loss = optim.cross_entropy(logits, labels, num_classes, label_smoothing).mean()
+    loss = mixing.loss(logits, targets, loss_kind).mean()
     correct = jnp.mean(jnp.argmax(logits, -1) == labels)
     return loss, (mutated['batch_stats'], correct)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state: State, batch: dict[str, jax.Array], axis_name: str | None = None):
-    rng = jax.random.fold_in(base_rng, state['step'])
+    step_rng = jax.random.fold_in(base_rng, state['step'])
+    rng = step_rng
     if axis_name is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     images, labels = batch['image'], batch['label']
+    if mix is not None:  # One draw per step, the same on every device.
+      images, targets, labels = mixing.mix(
+          jax.random.fold_in(step_rng, 3), images, labels, num_classes, label_smoothing, mix,
+          num_shards if axis_name is None else 1)
+    else:
+      targets = mixing.soft_targets(labels, num_classes, label_smoothing)
     if grad_accum_steps == 1:
       images = adversarial_images(state['params'], state['batch_stats'], images, labels, rng)
       (loss, (batch_stats, acc)), grads = grad_fn(state['params'], state['batch_stats'],
-                                                  images, labels, rng)
+                                                  images, targets, labels, rng)
     else:
       k = grad_accum_steps
 
@@ -110,13 +124,13 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
         bs, gsum, lsum, asum = carry
         micro_rng = jax.random.fold_in(rng, xs[2])
         x = adversarial_images(state['params'], bs, xs[0], xs[1], micro_rng)
-        (l, (bs, a)), g = grad_fn(state['params'], bs, x, xs[1], micro_rng)
+        (l, (bs, a)), g = grad_fn(state['params'], bs, x, xs[3], xs[1], micro_rng)
         return (bs, jax.tree.map(jnp.add, gsum, g), lsum + l, asum + a), None
 
       zeros = jax.tree.map(jnp.zeros_like, state['params'])
       (batch_stats, gsum, lsum, asum), _ = jax.lax.scan(
           body, (state['batch_stats'], zeros, 0.0, 0.0),
-          (micro(images), micro(labels), jnp.arange(k)))
+          (micro(images), micro(labels), jnp.arange(k), micro(targets)))
       grads = jax.tree.map(lambda g: g / k, gsum)
       loss, acc = lsum / k, asum / k
     if trainable is not None:
@@ -243,6 +257,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   models.create_model(config.model, num_classes=1)
   adversarial.check_config(config)
   ema.check_config(config)
+  mixing.check_config(config)
   presets.check_preset(config)
   optim.check_schedule(config)
   optim.check_optimizer(config)
@@ -312,7 +327,9 @@ class Setup:
         exact_reductions=self.par.exact, ema_decay=ema.decay(self.config),
         ema_warmup=bool(self.config.get('ema', {}).get('warmup', True)),
         ema_moving=ema.moving_mask(trainable, self.fresh_variables.get('batch_stats', {}),
-                                   self.spec.frozen_bn))
+                                   self.spec.frozen_bn),
+        mix=mixing.settings(self.config) if mixing.enabled(self.config) else None,
+        num_shards=len(self.par.devices), loss_kind=self.config.get('loss', 'softmax_xent'))
     return self.par.compile(train_step), self.eval_step()
 
   def eval_step(self):
