@@ -23,6 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dropout_rate = 0.0
   c.model.dtype = 'float32'      # Compute dtype; parameters stay float32.
   c.model.bn_momentum = 0.9      # Flax convention (PyTorch's 0.1).
+  c.model.drop_path_rate = 0.0   # Stochastic depth: 0 at the first block, rising to this.
+  c.model.remat = 'none'         # 'blocks': recompute each block's activations in backward.
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = 'cifar10'     # Any TFDS image classification dataset, or 'image_folder'.
@@ -64,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.cutmix.alpha = 0.0           # Beta(alpha, alpha) box area; 0 = off.
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = 'sgd'       # 'sgd' or 'adamw'.
+  c.optimizer.name = 'sgd'       # 'sgd', 'adamw', 'lars' or 'lamb'.
   c.optimizer.learning_rate = 0.1
   c.optimizer.momentum = 0.9
   c.optimizer.nesterov = True
@@ -73,7 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.grad_clip_norm = 0.0
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
-  c.optimizer.eps = 1e-8
+  c.optimizer.eps = 1e-8          # adamw; lamb uses it too (its paper: 1e-6).
+  c.optimizer.trust_coefficient = 0.001  # lars: eta in eta * |w| / |g + wd w|.
+  c.optimizer.trust_ratio_regex = r'(^|/)kernel$'  # lars/lamb: layers with a trust ratio.
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.name = 'cosine'     # constant, cosine, linear, piecewise.

@@ -103,11 +103,30 @@ class _Base(nn.Module):
                 bn_momentum=self.bn_momentum, frozen_bn=self.frozen_bn, exact_bn=self.exact_bn)
 
 
+def drop_path(module: nn.Module, y: jax.Array, rate: float, train: bool) -> jax.Array:
+  """Stochastic depth on a residual branch: per example, drop it with probability `rate`
+  and scale the kept ones by 1 / (1 - rate), so its expectation is unchanged; identity
+  in evaluation. Uses the 'dropout' random stream."""
+  if not train or rate <= 0.0:
+    return y
+  keep = jax.random.bernoulli(module.make_rng('dropout'), 1.0 - rate, (y.shape[0],) + (1,) * (
+      y.ndim - 1))
+  return jnp.where(keep, y / (1.0 - rate), jnp.zeros_like(y))
+
+
+def drop_path_rates(stage_sizes: Sequence[int], rate: float) -> list[float]:
+  """Per-block rates rising linearly from 0 (first block) to `rate` (last), as timm's
+  `linspace(0, drop_path_rate, num_blocks)` (Huang et al. 2016's linear decay rule)."""
+  n = int(sum(stage_sizes))
+  return [rate * i / (n - 1) if n > 1 else rate for i in range(n)]
+
+
 class BasicBlock(_Base):
   """Two 3x3 convs; a 1x1 conv + BN projection when the shape changes."""
   features: int = 64
   strides: int = 1
   zero_init_residual: bool = False
+  drop_path: float = 0.0
   expansion = 1
 
   @nn.compact
@@ -120,7 +139,7 @@ class BasicBlock(_Base):
     if residual.shape != y.shape:
       residual = self.conv(self.features, 1, self.strides, 'proj_conv')(residual)
       residual = self.norm('proj_bn', train)(residual)
-    return nn.relu(residual + y)
+    return nn.relu(residual + drop_path(self, y, self.drop_path, train))
 
 
 class BottleneckBlock(_Base):
@@ -128,6 +147,7 @@ class BottleneckBlock(_Base):
   features: int = 64
   strides: int = 1
   zero_init_residual: bool = False
+  drop_path: float = 0.0
   expansion = 4
 
   @nn.compact
@@ -142,7 +162,7 @@ class BottleneckBlock(_Base):
     if residual.shape != y.shape:
       residual = self.conv(self.features * 4, 1, self.strides, 'proj_conv')(residual)
       residual = self.norm('proj_bn', train)(residual)
-    return nn.relu(residual + y)
+    return nn.relu(residual + drop_path(self, y, self.drop_path, train))
 
 
 class Stage(_Base):
@@ -152,14 +172,20 @@ class Stage(_Base):
   features: int = 64
   strides: int = 1
   zero_init_residual: bool = False
+  drop_paths: tuple[float, ...] = ()  # Per block; () = none.
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    # remat: the block's activations are recomputed in the backward pass instead of
+    # kept (static_argnums counts self: 2 is `train`). Names, hence parameter paths, stay.
+    block_cls = nn.remat(self.block_cls, static_argnums=(2,)) if self.remat else self.block_cls
     for j in range(self.num_blocks):
-      x = self.block_cls(features=self.features,
-                         strides=self.strides if j == 0 else 1,
-                         zero_init_residual=self.zero_init_residual,
-                         name=f'block{j}', **self._children_kwargs())(x, train)
+      x = block_cls(features=self.features,
+                    strides=self.strides if j == 0 else 1,
+                    zero_init_residual=self.zero_init_residual,
+                    drop_path=self.drop_paths[j] if self.drop_paths else 0.0,
+                    name=f'block{j}', **self._children_kwargs())(x, train)
     return x
 
 
@@ -189,6 +215,8 @@ class ResNet(_Base):
   zero_init_residual: bool = False
   dropout_rate: float = 0.0
   stop_gradient_after: str | None = None
+  drop_path_rate: float = 0.0
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -198,12 +226,16 @@ class ResNet(_Base):
     x = Stem(kind=self.stem, features=widths[0], name='stem',
              **self._children_kwargs())(x, train)
     x = self._maybe_stop('stem', x)
+    rates = drop_path_rates(self.stage_sizes, self.drop_path_rate)
+    first = 0
     for i, (n, w) in enumerate(zip(self.stage_sizes, widths)):
       name = f'stage{i + 1}'
       x = Stage(block_cls=self.block_cls, num_blocks=n, features=w,
                 strides=1 if i == 0 else 2,
                 zero_init_residual=self.zero_init_residual, name=name,
-                **self._children_kwargs())(x, train)
+                drop_paths=tuple(rates[first:first + n]) if self.drop_path_rate > 0 else (),
+                remat=self.remat, **self._children_kwargs())(x, train)
+      first += n
       x = self._maybe_stop(name, x)
     features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
@@ -268,6 +300,12 @@ def create_model(model_config: Any, num_classes: int, *,
   dropout = float(model_config.get('dropout_rate', 0.0))
   if not 0.0 <= dropout < 1.0:
     raise UserError(f'config.model.dropout_rate: must be in [0, 1), got {dropout}')
+  drop_path_rate = float(model_config.get('drop_path_rate', 0.0))
+  if not 0.0 <= drop_path_rate < 1.0:
+    raise UserError(f'config.model.drop_path_rate: must be in [0, 1), got {drop_path_rate}')
+  remat = model_config.get('remat', 'none')
+  if remat not in ('none', 'blocks'):
+    raise UserError(f"config.model.remat: choose 'none' or 'blocks', got {remat!r}")
   return ResNet(stage_sizes=arch.stage_sizes, block_cls=arch.block_cls,
                 widths=arch.widths, num_classes=num_classes, stem=stem,
                 width_multiplier=width,
@@ -276,7 +314,8 @@ def create_model(model_config: Any, num_classes: int, *,
                 bn_axis_name=bn_axis_name,
                 bn_momentum=float(model_config.get('bn_momentum', 0.9)),
                 frozen_bn=frozenset(frozen_bn),
-                stop_gradient_after=stop_gradient_after, exact_bn=exact_bn)
+                stop_gradient_after=stop_gradient_after, exact_bn=exact_bn,
+                drop_path_rate=drop_path_rate, remat=remat == 'blocks')
 
 
 def init_variables(model: ResNet, rng: jax.Array, image_size: int) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from resnet_jax.models import TOP_LEVEL_ORDER
 
 FROZEN = 'frozen'
 SCHEDULES = ('constant', 'cosine', 'linear', 'piecewise')
-OPTIMIZERS = ('sgd', 'adamw')
+OPTIMIZERS = ('sgd', 'adamw', 'lars', 'lamb')
 
 
 def path_str(path: tuple[Any, ...]) -> str:
@@ -259,10 +259,39 @@ def check_optimizer(config: Any) -> None:
     raise UserError(f'config.optimizer.weight_decay: must be >= 0, got {oc.weight_decay}')
 
 
-def _base_optimizer(config: Any, lr: optax.Schedule, decay_mask: Any) -> optax.GradientTransformation:
+def trust_ratio_tree(config: Any, params: Any) -> Any:
+  """LARS/LAMB: True where the layer-wise trust ratio applies (kernels by default).
+
+  The reference recipes (You et al. 2017 and 2019, MLPerf ResNet-50, timm) leave
+  BatchNorm parameters and biases out of it, as they leave them out of weight decay.
+  """
+  rx = _compile('config.optimizer.trust_ratio_regex',
+                config.optimizer.get('trust_ratio_regex', r'(^|/)kernel$'))
+  return jax.tree_util.tree_map_with_path(lambda p, _: bool(rx.search(path_str(p))), params)
+
+
+def _base_optimizer(config: Any, lr: optax.Schedule, decay_mask: Any,
+                    trust_mask: Any = True) -> optax.GradientTransformation:
   check_optimizer(config)
   oc = config.optimizer
   wd = float(oc.get('weight_decay', 0.0))
+  if oc.name == 'lars':
+    # optax.lars: decay added to the gradient, then the trust ratio
+    # trust_coefficient * |w| / |g + wd w|, then momentum, all masked per leaf.
+    return optax.lars(lr, weight_decay=wd, weight_decay_mask=decay_mask,
+                      trust_coefficient=float(oc.get('trust_coefficient', 0.001)),
+                      eps=0.0, trust_ratio_mask=trust_mask,
+                      momentum=float(oc.get('momentum', 0.9)),
+                      nesterov=bool(oc.get('nesterov', False)))
+  if oc.name == 'lamb':
+    # optax.lamb's steps, with the trust ratio masked like LARS's (optax.lamb applies it
+    # to every leaf, BatchNorm and biases included).
+    return optax.chain(
+        optax.scale_by_adam(b1=float(oc.get('b1', 0.9)), b2=float(oc.get('b2', 0.999)),
+                            eps=float(oc.get('eps', 1e-6))),
+        optax.add_decayed_weights(wd, mask=decay_mask) if wd else optax.identity(),
+        optax.masked(optax.scale_by_trust_ratio(), trust_mask),
+        optax.scale_by_learning_rate(lr))
   if oc.name == 'sgd':
     momentum = float(oc.get('momentum', 0.9))
     # Coupled L2 (added to the gradient before momentum), as torch.optim.SGD does.
@@ -277,10 +306,11 @@ def make_optimizer(config: Any, spec: ParamSpec, params: Any,
                    schedule: optax.Schedule) -> optax.GradientTransformation:
   """optax.partition over the spec's labels: frozen -> set_to_zero, others -> scaled lr."""
   decay_tree = spec.decay_tree(params)
+  trust_tree = trust_ratio_tree(config, params)
   transforms: dict[str, optax.GradientTransformation] = {FROZEN: optax.set_to_zero()}
   for label, mult in spec.multipliers.items():
     lr = schedule if mult == 1.0 else (lambda s, m=mult: schedule(s) * m)
-    transforms[label] = _base_optimizer(config, lr, decay_tree)
+    transforms[label] = _base_optimizer(config, lr, decay_tree, trust_tree)
   tx = optax.partition(transforms, spec.label_tree(params))
   clip = float(config.optimizer.get('grad_clip_norm', 0.0))
   if clip > 0:
