@@ -26,12 +26,15 @@ def test_typo_inside_a_config_is_named_with_the_closest_field():
   assert 'config.optimzer: unknown field (did you mean config.optimizer?)' in msg
 
 
-def test_every_shipped_config_uses_only_known_fields():
+def test_every_shipped_config_uses_only_known_fields_and_valid_values():
   import importlib
+
+  from resnet_jax import train
   for name in sorted(os.listdir(os.path.join(REPO, 'configs'))):
     if name.endswith('.py') and name != '__init__.py':
       module = importlib.import_module(f'configs.{name[:-3]}')
       config_fields.check_known_fields(module.get_config(), default.get_config())
+      train.validate_config(module.get_config())
 
 
 def test_unknown_fields_on_the_command_line_and_in_a_file(tmp_path):
