@@ -40,6 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.augment = 'auto'     # auto, pad_crop, random_resized_crop, resize_crop, none.
   c.dataset.crop_padding = 4
   c.dataset.flip = True
+  c.dataset.randaugment = ''     # 'N,M', e.g. '2,9' (resnet_jax/augment.py); '' = off.
+  c.dataset.random_erasing = 0.0  # Probability of erasing one box per training image.
   c.dataset.mean = (0.4914, 0.4822, 0.4465)
   c.dataset.std = (0.2470, 0.2435, 0.2616)
   c.dataset.verify_images = True  # Decode every image-folder file once at start.

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from resnet_jax import augment
 from resnet_jax.errors import UserError
 
 # What tf.io.decode_image reads (checked in the tests). GIF decodes too, but as its first
@@ -416,6 +417,8 @@ def make_preprocess(config_ds: Any, train: bool):
   pad = int(config_ds.get('crop_padding', 4))
   flip = bool(config_ds.get('flip', True))
   eval_crop = bool(config_ds.get('eval_crop', True))
+  rand_augment = augment.parse_randaugment(config_ds.get('randaugment', '')) if train else None
+  erasing = float(config_ds.get('random_erasing', 0.0)) if train else 0.0
 
   def fn(image, seed):
     image = tf.cast(image, tf.float32)
@@ -448,7 +451,14 @@ def make_preprocess(config_ds: Any, train: bool):
     if train and flip:
       image = tf.image.stateless_random_flip_left_right(image, seeds[1])
     image = tf.ensure_shape(image, (size, size, 3))
-    return (image - mean) / std
+    if rand_augment or erasing:  # A stream of their own: crop and flip draw as before.
+      more = tf.random.experimental.stateless_split(seeds[2], 2)
+    if rand_augment:
+      image = augment.randaugment(tf, image, rand_augment[0], rand_augment[1], more[0])
+    image = (image - mean) / std
+    if erasing:
+      image = augment.random_erasing(tf, image, erasing, more[1])
+    return image
 
   return fn
 

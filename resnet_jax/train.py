@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from resnet_jax import (adversarial, checkpointing, ema, mixing, models, optim, parallel,
-                        presets, reductions, resume)
+from resnet_jax import (adversarial, augment, checkpointing, ema, mixing, models, optim,
+                        parallel, presets, reductions, resume)
 from resnet_jax.errors import UserError
 from resnet_jax.loop import Preempted  # noqa: F401  (main catches train.Preempted)
 
@@ -258,6 +258,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   adversarial.check_config(config)
   ema.check_config(config)
   mixing.check_config(config)
+  augment.check_config(config.dataset)
   presets.check_preset(config)
   optim.check_schedule(config)
   optim.check_optimizer(config)
