@@ -54,7 +54,9 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 2, read_only: bool = False,
                run_meta: dict[str, Any] | None = None):
-    best = lambda m: m[BEST_METRIC]
+    # 'rank' is what the run ranks by (config.ema.rank_by: raw or EMA accuracy); older
+    # checkpoints have only 'accuracy'.
+    best = lambda m: m.get('rank', m[BEST_METRIC])
     # Both policies together: BestN alone can drop the newest checkpoint.
     policy = pp.AnyPreservationPolicy([
         pp.LatestN(n=max(1, keep)),

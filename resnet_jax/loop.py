@@ -222,7 +222,8 @@ class Loop:
             f'(learning rate too high?); stopped, no report or checkpoint of it was written')
       results = self.rep.eval_results(step, res, final=final)
       meta = {**self.meta, 'eval': results_brief(results)}
-      metrics = {'accuracy': results[self.rank_key]}  # What ranks the best checkpoint.
+      metrics = {k: results[k] for k in ('accuracy', 'ema_accuracy') if k in results}
+      metrics['rank'] = results[self.rank_key]  # What ranks the best checkpoint.
     finally:
       if save:
         self.ckpt.save(step, host, meta, metrics=metrics)

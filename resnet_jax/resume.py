@@ -64,6 +64,25 @@ def run_fields(config: Any, num_train: int | None = None) -> dict[str, Any]:
   return json.loads(json.dumps(flat, default=str))  # Tuples become lists, as on disk.
 
 
+# Fields added after checkpoints were first written: what an older checkpoint (no record,
+# or None from an older config.json) was trained with.
+FIELD_DEFAULTS = {'ema.decay': 0.0, 'ema.warmup': True, 'loss': 'softmax_xent',
+                  'mixup.alpha': 0.0, 'mixup.prob': 1.0, 'mixup.switch_prob': 0.5,
+                  'cutmix.alpha': 0.0}
+
+
+def _with_defaults(fields: dict[str, Any]) -> dict[str, Any]:
+  """Missing or None values of later-added fields read as their defaults (only when the
+  record exists at all: an empty record means nothing is known to compare)."""
+  if not fields:
+    return fields
+  out = dict(fields)
+  for key, value in FIELD_DEFAULTS.items():
+    if out.get(key) is None:
+      out[key] = value
+  return out
+
+
 def saved_fields(meta: dict[str, Any], workdir: str) -> dict[str, Any]:
   """The settings a checkpoint was written with (empty when nothing records them)."""
   if isinstance(meta.get('run'), dict):
@@ -101,7 +120,8 @@ def check_classes(class_names: list[str], meta: dict[str, Any], step: int, workd
 def resume_changes(config: Any, meta: dict[str, Any], workdir: str,
                    num_train: int | None = None) -> list[str]:
   """'config.<field> (checkpoint A, now B)' for each setting that differs from the checkpoint's."""
-  saved, mine = saved_fields(meta, workdir), run_fields(config, num_train)
+  saved, mine = _with_defaults(saved_fields(meta, workdir)), _with_defaults(
+      run_fields(config, num_train))
   fields = [f for f in mine if f not in MODEL_FIELDS and f in saved]
   fields += [f for f in saved if f not in MODEL_FIELDS and f not in mine]  # Removed since.
   steps_win = all(isinstance(d.get('num_train_steps'), int) and d['num_train_steps'] > 0
@@ -110,6 +130,11 @@ def resume_changes(config: Any, meta: dict[str, Any], workdir: str,
   for field in fields:
     if field == 'num_epochs' and steps_win:
       continue  # num_train_steps decides the length in both runs.
+    if field == 'ema.warmup' and not saved.get('ema.decay') and not mine.get('ema.decay'):
+      continue  # No weight average on either side.
+    if field in ('mixup.prob', 'mixup.switch_prob') and not any(
+        d.get(a) for d in (saved, mine) for a in ('mixup.alpha', 'cutmix.alpha')):
+      continue  # No mixing on either side.
     if saved.get(field) != mine.get(field):
       name = 'the training split size' if field == 'data.num_train' else f'config.{field}'
       changes.append(f'{name} (checkpoint {saved.get(field)!r}, now {mine.get(field)!r})')
@@ -222,6 +247,7 @@ def _fit_ema(config: Any, setup: Any, state: Any, step: int) -> Any:
                     'the weights of that step.', step)
     return {**state, 'ema': ema.init(state)}
   if not ema.enabled(config) and 'ema' in state:
+    logging.warning('config.ema.decay is 0: the weight average of step %d is dropped.', step)
     return {k: v for k, v in state.items() if k != 'ema'}
   return state
 

@@ -160,7 +160,8 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
 
 def make_eval_step(model: models.ResNet, num_classes: int,
                    attack: adversarial.Attack | None = None,
-                   attack_rng: jax.Array | None = None) -> Callable[..., dict[str, jax.Array]]:
+                   attack_rng: jax.Array | None = None,
+                   exact_reductions: bool = False) -> Callable[..., dict[str, jax.Array]]:
   """Masked sums over a batch, including the confusion matrix (true class x predicted).
 
   With an `attack`, also `robust_correct`: the examples still classified right
@@ -190,8 +191,9 @@ def make_eval_step(model: models.ResNet, num_classes: int,
       adv_pred = jnp.argmax(model.apply(variables, adv.astype(batch['image'].dtype),
                                         train=False), -1)
       sums['robust_correct'] = jnp.sum((adv_pred == labels) * mask)
-    if axis_name is not None:
-      sums = jax.lax.psum(sums, axis_name)
+    if axis_name is not None:  # Exact: the eval loss's float sum is topology-free too.
+      sums = (reductions.exact_psum(sums, axis_name) if exact_reductions
+              else jax.lax.psum(sums, axis_name))
     return sums
 
   return eval_step
@@ -206,7 +208,8 @@ def evaluate(par: parallel.Parallel, eval_step: Callable[..., Any], state: Any,
   `ema_top5_accuracy`.
   """
   totals = None
-  averaged = ema.variables(state) if 'ema' in state else None
+  # The state's own tree shape with the averaged variables: one compiled eval step for both.
+  averaged = {**state, **ema.variables(state)} if 'ema' in state else None
   for batch in batches:
     batch = par.put_batch(batch)
     sums = {'raw': eval_step(state, batch)}
@@ -336,7 +339,8 @@ class Setup:
   def eval_step(self):
     eval_step = make_eval_step(self.eval_model, self.num_classes,
                                adversarial.eval_attack(self.config),
-                               jax.random.fold_in(jax.random.key(int(self.config.seed)), 2))
+                               jax.random.fold_in(jax.random.key(int(self.config.seed)), 2),
+                               exact_reductions=self.par.exact)
     return self.par.compile(eval_step, donate_state=False)
 
 

@@ -108,3 +108,32 @@ def test_switching_the_average_on_at_resume_is_named_then_starts_from_the_weight
   results = train.train_and_evaluate(folder_config, workdir)
   assert results['step'] == 4 and 'ema_accuracy' in results
   assert 'ema' in _state(workdir)
+
+
+def test_checkpoints_from_before_the_new_fields_compare_as_trained_without_them(tmp_path):
+  """A checkpoint's record without ema/mixup/loss fields (older versions), or with None
+  (an older config.json), reads as no average, no mixing, softmax: resuming it with an
+  EMA is a named change; resuming it as it was is none."""
+  from resnet_jax import resume
+  from tests.conftest import tiny_config
+  old = resume.run_fields(tiny_config())
+  for key in list(old):
+    if key.startswith(('ema.', 'mixup.', 'cutmix.')) or key == 'loss':
+      del old[key]
+  assert resume.resume_changes(tiny_config(), {'run': old}, str(tmp_path)) == []
+  with_none = {**old, 'ema.decay': None, 'ema.warmup': None, 'loss': None}
+  assert resume.resume_changes(tiny_config(), {'run': with_none}, str(tmp_path)) == []
+  changes = resume.resume_changes(tiny_config(**{'ema.decay': 0.9}), {'run': old}, str(tmp_path))
+  assert changes == ['config.ema.decay (checkpoint 0.0, now 0.9)']
+
+
+def test_the_best_checkpoint_follows_the_rank_metric_and_keeps_accuracy_truthful(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path), keep=1)
+  state = {'params': {'w': np.zeros(2, np.float32)}, 'batch_stats': {}}
+  for step, (raw, averaged) in enumerate([(0.9, 0.1), (0.2, 0.8), (0.5, 0.3)], 1):
+    ckpt.save(step, state, {}, metrics={'accuracy': raw, 'ema_accuracy': averaged,
+                                        'rank': averaged})
+  ckpt.close()
+  reader = checkpointing.Checkpointer(str(tmp_path), read_only=True)
+  assert reader.best_step() == 2
+  reader.close()

@@ -54,6 +54,10 @@ def test_benchmark_counts_the_flops_of_all_devices(one_device_benchmark):
   assert four['num_devices'] == 4
   one = one_device_benchmark[0]['flops_per_image']
   assert four['flops_per_image'] == pytest.approx(one, rel=0.05)
+  # Exact reductions: the step runs under shard_map, which binds BatchNorm's axis.
+  config.exact_reductions, config.grad_accum_steps = True, 1
+  exact = benchmark.benchmark(config, steps=1, rounds=1, num_classes=10, compare_torch=False)
+  assert exact['num_devices'] == 4 and exact['images_per_sec'] > 0
 
 
 def test_predict_prints_top_k_with_class_names(folder_config, tmp_path, caplog):
