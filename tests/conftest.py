@@ -99,7 +99,8 @@ def import_script(name):
   scripts = os.path.join(REPO, 'scripts')
   for module, defined in flags.FLAGS.flags_by_module_dict().items():
     if os.path.dirname(os.path.abspath(module)) == scripts or module in (
-        'benchmark', 'predict', 'export', 'serve', 'convert_torchvision'):
+        'benchmark', 'predict', 'export', 'serve', 'convert_torchvision', 'augment_grid', 'memory',
+        'benchmark_reductions', 'sweep', 'launch_local'):
       for flag in defined:
         if flag.name in flags.FLAGS:
           delattr(flags.FLAGS, flag.name)
