@@ -347,10 +347,8 @@ def _clip_trainable_by_global_norm(max_norm: float,
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
                   label_smoothing: float = 0.0) -> jax.Array:
   """Per-example softmax cross-entropy in float32, with optional label smoothing."""
-  targets = jax.nn.one_hot(labels, num_classes)
-  if label_smoothing:
-    targets = optax.smooth_labels(targets, label_smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  from resnet_jax import mixing  # pylint: disable=import-outside-toplevel
+  return mixing.loss(logits, mixing.soft_targets(labels, num_classes, label_smoothing))
 
 
 def total_steps_from_config(config: Any, num_train_examples: int) -> int:

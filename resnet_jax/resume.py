@@ -64,11 +64,16 @@ def run_fields(config: Any, num_train: int | None = None) -> dict[str, Any]:
   return json.loads(json.dumps(flat, default=str))  # Tuples become lists, as on disk.
 
 
-# Fields added after checkpoints were first written: what an older checkpoint (no record,
-# or None from an older config.json) was trained with.
-FIELD_DEFAULTS = {'ema.decay': 0.0, 'ema.warmup': True, 'loss': 'softmax_xent',
-                  'mixup.alpha': 0.0, 'mixup.prob': 1.0, 'mixup.switch_prob': 0.5,
-                  'cutmix.alpha': 0.0}
+# Fields added after checkpoints were first written: an older checkpoint (no record, or
+# None from an older config.json) was trained with their defaults (configs/default.py).
+ADDED_FIELDS = ('ema.*', 'loss', 'mixup.*', 'cutmix.*')
+
+
+def _field_defaults() -> dict[str, Any]:
+  from configs import default  # pylint: disable=import-outside-toplevel
+  reference = run_fields(default.get_config())
+  return {k: v for k, v in reference.items()
+          if any(k == f or (f.endswith('.*') and k.startswith(f[:-1])) for f in ADDED_FIELDS)}
 
 
 def _with_defaults(fields: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +82,7 @@ def _with_defaults(fields: dict[str, Any]) -> dict[str, Any]:
   if not fields:
     return fields
   out = dict(fields)
-  for key, value in FIELD_DEFAULTS.items():
+  for key, value in _field_defaults().items():
     if out.get(key) is None:
       out[key] = value
   return out
@@ -210,7 +215,7 @@ def restore_or_init(config: Any, workdir: str, setup: Any, class_names: list[str
   finally:
     reader.close()
   step, state, _ = restored
-  state = _fit_ema(config, setup, state, step)
+  state = _fit_ema(config, state, step)
   if relayout or any(c.startswith(OPTIMIZER_LAYOUT_PREFIXES) for c in allowed):
     variables = _variables_that_fit(state, setup.fresh_variables, step, workdir)
     average = state.get('ema')
@@ -238,10 +243,9 @@ def _abstract_ema_as_saved(abstract: Any, saved: dict[str, Any]) -> Any:
   return abstract
 
 
-def _fit_ema(config: Any, setup: Any, state: Any, step: int) -> Any:
+def _fit_ema(config: Any, state: Any, step: int) -> Any:
   """An allowed switch of the EMA (on or off) on resume: start it from the weights, or drop it."""
   from resnet_jax import ema  # pylint: disable=import-outside-toplevel
-  del setup
   if ema.enabled(config) and 'ema' not in state:
     logging.warning('The checkpoint at step %d has no weight average: config.ema starts it from '
                     'the weights of that step.', step)
