@@ -8,7 +8,8 @@ Training draws every random choice with stateless ops from the example's seed
 function of (seed, step) and turning the later stages on leaves the crop and
 flip of every example as they were.
 
-Order: crop and flip on 0..255 pixels, RandAugment on those pixels, then
+Order: crop and flip on 0..255 pixels, RandAugment on those pixels (rounded to
+uint8 values, as the PIL operations of the references see them), then
 normalisation, then random erasing in normalised space.
 
 TensorFlow is imported lazily (`_tf`), so importing this module costs nothing
@@ -82,6 +83,7 @@ def make_preprocess(config_ds: Any, train: bool):
   eval_crop = bool(config_ds.get('eval_crop', True))
   rand_augment = augment.parse_randaugment(config_ds.get('randaugment', '')) if train else None
   erasing = float(config_ds.get('random_erasing', 0.0)) if train else 0.0
+  fill = augment.fill_colour(config_ds.mean)
 
   def fn(image, seed):
     image = tf.cast(image, tf.float32)
@@ -117,7 +119,7 @@ def make_preprocess(config_ds: Any, train: bool):
     if rand_augment or erasing:  # A stream of their own: crop and flip draw as before.
       more = tf.random.experimental.stateless_split(seeds[2], 2)
     if rand_augment:
-      image = augment.randaugment(tf, image, rand_augment[0], rand_augment[1], more[0])
+      image = augment.randaugment(tf, image, rand_augment[0], rand_augment[1], more[0], fill)
     image = (image - mean) / std
     if erasing:
       image = augment.random_erasing(tf, image, erasing, more[1])
