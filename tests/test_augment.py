@@ -1,14 +1,16 @@
-"""RandAugment and random erasing (resnet_jax/augment.py)."""
+"""RandAugment and random erasing (resnet_jax/augment.py), and the grid of what the model sees."""
 
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from resnet_jax import augment, input_pipeline, preprocess, train
+from resnet_jax import augment, device_data, input_pipeline, parallel, preprocess, train
 from resnet_jax.errors import UserError
-from tests.conftest import tiny_config
+from tests.conftest import REPO, import_script, tiny_config
 
 FILL = (125, 123, 114)
 
@@ -147,3 +149,60 @@ def test_bad_augmentation_fields_are_one_line(field, value, message):
   with pytest.raises(UserError, match=message) as error:
     train.validate_config(tiny_config(**overrides))
   assert '\n' not in str(error.value)
+
+
+def test_the_grid_script_shows_the_training_batches(image_folder, tmp_path):
+  script = import_script('augment_grid')
+  config = tiny_config(**{'dataset.name': 'image_folder', 'dataset.data_dir': image_folder,
+                          'dataset.eval_split': 'test', 'dataset.randaugment': '1,5',
+                          'dataset.random_erasing': 0.5})
+  # 12 images: step 1's batch of 8, then 4 of step 2's.
+  picture = script.grid(config, 3, 4, step=1)
+  assert picture.shape == (3 * 8, 4 * 8, 3) and picture.dtype == np.uint8
+  data = input_pipeline.create_data(config)
+  batches = data.train_iter(8, 1)
+  batch = np.concatenate([next(batches)['image'], next(batches)['image']])[:12]
+  shown = np.clip(batch * np.asarray(config.dataset.std) * 255 + np.asarray(
+      config.dataset.mean) * 255, 0, 255).round().astype(np.uint8)
+  np.testing.assert_array_equal(picture[:8, 8:16], shown[1])
+  np.testing.assert_array_equal(picture[16:24, 24:32], shown[11])
+  with pytest.raises(UserError, match=r'^--rows/--cols: 1 to 1024 images, got 40x30'):
+    script.grid(config, 40, 30)
+  # A device-resident split: the grid shows the device's crops and flips.
+  config.dataset.randaugment, config.dataset.random_erasing = '', 0.0
+  config.dataset.on_device = True
+  par = parallel.Parallel('jit')
+  device = device_data.DeviceDataset(input_pipeline.to_uint8_images(data.train_source, 8),
+                                     data.train_source.labels, config, par)
+  first = np.asarray(next(device.iterate(8, 2))['image'])[:4]
+  shown = np.clip(first * np.asarray(config.dataset.std) * 255 + np.asarray(
+      config.dataset.mean) * 255, 0, 255).round().astype(np.uint8)
+  np.testing.assert_array_equal(script.grid(config, 1, 4, step=2), np.concatenate(shown, 1))
+
+
+def test_the_grid_script_writes_a_png_from_the_command_line(image_folder, tmp_path, capsys,
+                                                            monkeypatch):
+  script = import_script('augment_grid')
+  out = str(tmp_path / 'grid.png')
+  argv = ['augment_grid', f'--config={os.path.join(REPO, "configs", "default.py")}',
+          '--config.dataset.name=image_folder', f'--config.dataset.data_dir={image_folder}',
+          '--config.dataset.eval_split=test', '--config.dataset.image_size=8',
+          '--config.batch_size=8', '--config.dataset.randaugment=2,9', f'--out={out}',
+          '--rows=2', '--cols=3']
+  try:
+    monkeypatch.setattr(sys, 'argv', argv)   # config_flags reads its overrides there.
+    script.FLAGS(argv)
+    script.main([argv[0]])
+    with Image.open(out) as png:
+      assert png.format == 'PNG' and png.size == (3 * 8, 2 * 8)
+    script.FLAGS.unparse_flags()
+    # The --config.x flags exist now: a second parse may not define them again.
+    argv = argv[:2] + [f'--out={tmp_path}/missing/grid.png']
+    monkeypatch.setattr(sys, 'argv', argv)
+    script.FLAGS(argv)
+    with pytest.raises(SystemExit) as exit_:
+      script.main([argv[0]])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == f'error: --out: folder {tmp_path}/missing does not exist'
+  finally:
+    script.FLAGS.unparse_flags()
