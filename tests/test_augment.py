@@ -203,6 +203,7 @@ def test_the_grid_script_writes_a_png_from_the_command_line(image_folder, tmp_pa
     with pytest.raises(SystemExit) as exit_:
       script.main([argv[0]])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip() == f'error: --out: folder {tmp_path}/missing does not exist'
+    message = capsys.readouterr().err.strip()
+    assert message == f'error: --out: folder {tmp_path}/missing does not exist'
   finally:
     script.FLAGS.unparse_flags()
