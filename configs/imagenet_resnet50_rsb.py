@@ -12,7 +12,9 @@ recipe).
 RandAugment: A3 uses timm's rand-m6-mstd0.5-inc1 (2 operations at magnitude
 6, with magnitude noise of std 0.5 and the 'increasing' operation variants);
 this config uses `dataset.randaugment='2,6'`, the plain Cubuk et al. form at
-the same N and M (resnet_jax/augment.py has no magnitude noise). Evaluating at
+the same N and M (resnet_jax/augment.py has no magnitude noise, and applies
+every drawn operation where timm applies each with probability 0.5, so this is
+somewhat stronger than A3's). Evaluating at
 224px after training at 160px: `--mode=eval --config.dataset.image_size=224
 --config.dataset.resize_size=236`.
 """

@@ -8,7 +8,9 @@ exactly the batches an uninterrupted run would have seen.
 Evaluation is deterministic and counts every example once: the last batch is
 padded and carries a mask.
 
-Only this module and `reporting.py` import TensorFlow.
+The per-example transforms (crop, flip, RandAugment, normalisation, erasing)
+are `preprocess.make_preprocess`. Only this module, `preprocess.py` and
+`reporting.py` import TensorFlow (lazily).
 """
 
 from __future__ import annotations
@@ -21,24 +23,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from resnet_jax import augment
 from resnet_jax.errors import UserError
+# Per-example preprocessing lives in preprocess.py; its names stay importable from here.
+from resnet_jax.preprocess import (AUGMENTATIONS, _tf, augment_kind,  # noqa: F401
+                                   fit_to_size, make_preprocess)
 
 # What tf.io.decode_image reads (checked in the tests). GIF decodes too, but as its first
 # frame only, so GIF files are skipped and counted instead.
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
-AUGMENTATIONS = ('auto', 'pad_crop', 'random_resized_crop', 'resize_crop', 'none')
 _IN_MEMORY_MAX_BYTES = 4 << 30
-
-
-def _tf():
-  """Imports TensorFlow with its GPUs hidden, so tf.data never takes accelerator memory."""
-  import tensorflow as tf
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-  except RuntimeError:  # Already initialised; devices were hidden the first time.
-    pass
-  return tf
 
 
 @dataclasses.dataclass
@@ -104,21 +97,6 @@ class StreamSource:
     return self.num_examples
 
 
-def _fit_to_size(tf: Any, image: Any, size: int) -> Any:
-  """RGB float32 at size x size: the host pipeline's and the device dataset's shared first step."""
-  image = tf.cast(image, tf.float32)
-  if image.shape[-1] == 1:
-    image = tf.image.grayscale_to_rgb(image)
-  if image.shape[0] == size and image.shape[1] == size:
-    return image
-  # Decoded files have no static height and width: decide per image, so images
-  # already at the size (every CIFAR file) skip the resize, which is the identity.
-  shape = tf.shape(image)
-  return tf.cond(tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size)),
-                 lambda: image,
-                 lambda: tf.image.resize(image, (size, size), antialias=True))
-
-
 def to_uint8_images(source: Source, size: int) -> np.ndarray:
   """The whole split as uint8 [N, size, size, 3] (for datasets kept on the device).
 
@@ -129,7 +107,7 @@ def to_uint8_images(source: Source, size: int) -> np.ndarray:
   tf = _tf()
 
   def fit(image):
-    return tf.cast(tf.clip_by_value(tf.round(_fit_to_size(tf, image, size)), 0, 255), tf.uint8)
+    return tf.cast(tf.clip_by_value(tf.round(fit_to_size(tf, image, size)), 0, 255), tf.uint8)
 
   if source.paths is not None:
     ds = tf.data.Dataset.from_tensor_slices(source.paths.astype(str))
@@ -382,85 +360,6 @@ def _tfds_in_memory(builder: Any, split: str, class_names: list[str],
     remap = {o: i for i, o in enumerate(old)}
     images, labels = images[keep], np.asarray([remap[l] for l in labels[keep]], np.int32)
   return Source(labels=labels, images=images)
-
-
-# --------------------------------------------------------------------------- preprocessing
-
-
-def augment_kind(config_ds: Any) -> str:
-  """The training augmentation: 'auto' is pad_crop up to 64 px, random_resized_crop above."""
-  kind = config_ds.get('augment', 'auto')
-  if kind not in AUGMENTATIONS:
-    raise UserError(f'config.dataset.augment: unknown augmentation {kind!r}; choose one of '
-                    f'{", ".join(AUGMENTATIONS)}')
-  if kind == 'auto':
-    return 'pad_crop' if int(config_ds.image_size) <= 64 else 'random_resized_crop'
-  return kind
-
-
-def _resize_shorter(tf: Any, image: Any, size: int) -> Any:
-  shape = tf.shape(image)
-  h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-  scale = tf.cast(size, tf.float32) / tf.minimum(h, w)
-  new = tf.cast(tf.round(tf.stack([h * scale, w * scale])), tf.int32)
-  return tf.image.resize(image, new, method='bilinear', antialias=True)
-
-
-def make_preprocess(config_ds: Any, train: bool):
-  """Returns fn(image uint8 HxWxC, seed int64[2]) -> float32 normalised image."""
-  tf = _tf()
-  size = int(config_ds.image_size)
-  resize_size = int(config_ds.get('resize_size', 0) or 0)
-  kind = augment_kind(config_ds) if train else 'eval'
-  mean = tf.constant(config_ds.mean, tf.float32) * 255.0
-  std = tf.constant(config_ds.std, tf.float32) * 255.0
-  pad = int(config_ds.get('crop_padding', 4))
-  flip = bool(config_ds.get('flip', True))
-  eval_crop = bool(config_ds.get('eval_crop', True))
-  rand_augment = augment.parse_randaugment(config_ds.get('randaugment', '')) if train else None
-  erasing = float(config_ds.get('random_erasing', 0.0)) if train else 0.0
-
-  def fn(image, seed):
-    image = tf.cast(image, tf.float32)
-    if image.shape[-1] == 1:
-      image = tf.image.grayscale_to_rgb(image)
-    seeds = tf.random.experimental.stateless_split(seed, 3)
-    if kind == 'pad_crop':
-      image = _fit_to_size(tf, image, size)  # As on the device (to_uint8_images).
-      image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
-      image = tf.image.stateless_random_crop(image, (size, size, 3), seeds[0])
-    elif kind == 'random_resized_crop':
-      begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
-          tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=seeds[0],
-          min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
-          area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
-      image = tf.slice(image, begin, crop)
-      image = tf.image.resize(image, (size, size), method='bilinear', antialias=True)
-    elif kind == 'resize_crop':
-      image = tf.image.resize(image, (resize_size or size, resize_size or size), antialias=True)
-      image = tf.image.stateless_random_crop(image, (size, size, 3), seeds[0])
-    elif kind == 'none':
-      image = tf.image.resize(image, (size, size), antialias=True)
-    else:  # eval: resize (shorter side for large images), centre crop.
-      if resize_size > size and eval_crop:
-        image = _resize_shorter(tf, image, resize_size)
-        h, w = tf.shape(image)[0], tf.shape(image)[1]
-        image = tf.image.crop_to_bounding_box(image, (h - size) // 2, (w - size) // 2, size, size)
-      else:
-        image = tf.image.resize(image, (size, size), antialias=True)
-    if train and flip:
-      image = tf.image.stateless_random_flip_left_right(image, seeds[1])
-    image = tf.ensure_shape(image, (size, size, 3))
-    if rand_augment or erasing:  # A stream of their own: crop and flip draw as before.
-      more = tf.random.experimental.stateless_split(seeds[2], 2)
-    if rand_augment:
-      image = augment.randaugment(tf, image, rand_augment[0], rand_augment[1], more[0])
-    image = (image - mean) / std
-    if erasing:
-      image = augment.random_erasing(tf, image, erasing, more[1])
-    return image
-
-  return fn
 
 
 # --------------------------------------------------------------------------- datasets
