@@ -318,6 +318,22 @@ def create_model(model_config: Any, num_classes: int, *,
                 drop_path_rate=drop_path_rate, remat=remat == 'blocks')
 
 
+def compiler_options(model_config: Any, platform: str) -> dict[str, str] | None:
+  """XLA options the train step of this model needs on `platform` (None: none).
+
+  nn.remat marks each recomputation with an optimization barrier, which keeps XLA
+  from merging it with the forward pass (CSE) and from running it before the
+  backward pass needs it. XLA:CPU expands those barriers early in its pipeline
+  (the `cse_barrier_expander` pass); the recomputed blocks are then scheduled in
+  the forward pass or merged away and no memory is saved (docs/benchmarks.md).
+  So on CPU, with remat on, the train step is compiled without that pass. Applies
+  under jit only: jax.pmap takes no compiler options.
+  """
+  if model_config.get('remat', 'none') != 'none' and platform == 'cpu':
+    return {'xla_disable_hlo_passes': 'cse_barrier_expander'}
+  return None
+
+
 def init_variables(model: ResNet, rng: jax.Array, image_size: int) -> dict[str, Any]:
   """Initialises params and batch_stats on a dummy batch of one image."""
   dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
@@ -328,5 +344,5 @@ def param_count(params: Any) -> int:
   return int(sum(x.size for x in jax.tree.leaves(params)))
 
 
-__all__ = ['ARCHS', 'BasicBlock', 'BottleneckBlock', 'ResNet', 'create_model',
+__all__ = ['ARCHS', 'BasicBlock', 'BottleneckBlock', 'ResNet', 'compiler_options', 'create_model',
            'init_variables', 'param_count', 'TOP_LEVEL_ORDER']

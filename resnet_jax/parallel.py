@@ -124,8 +124,13 @@ class Parallel:
       return jax.make_array_from_process_local_data(self.batch_sharding, local)
     return jax.device_put(local, self.stacked)
 
-  def compile(self, fn: Callable[..., Any], donate_state: bool = True) -> Callable[..., Any]:
-    """Wraps fn(state, batch) -> (state_or_metrics, ...) for this mode."""
+  def compile(self, fn: Callable[..., Any], donate_state: bool = True,
+              compiler_options: dict[str, str] | None = None) -> Callable[..., Any]:
+    """Wraps fn(state, batch) -> (state_or_metrics, ...) for this mode.
+
+    `compiler_options` (XLA options, e.g. `models.compiler_options`) apply under
+    jit; jax.pmap takes none.
+    """
     donate = (0,) if donate_state else ()
     if self.mode == 'jit' and self.exact:
       # Replicated state and outputs, the batch split over the mesh; the body sums
@@ -133,9 +138,9 @@ class Parallel:
       # values made replicated by an all_gather are typed as varying.
       mapped = jax.shard_map(functools.partial(fn, axis_name=MESH_AXIS), mesh=self.mesh,
                              in_specs=(P(), P(MESH_AXIS)), out_specs=P(), check_vma=False)
-      return jax.jit(mapped, donate_argnums=donate)
+      return jax.jit(mapped, donate_argnums=donate, compiler_options=compiler_options)
     if self.mode == 'jit':
-      return jax.jit(fn, donate_argnums=donate)
+      return jax.jit(fn, donate_argnums=donate, compiler_options=compiler_options)
     # The global list, identical on every process: pmap's mesh spans all of them and
     # its collectives (gradient and BatchNorm averages) run over every device.
     return jax.pmap(functools.partial(fn, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS,

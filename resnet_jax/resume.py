@@ -38,7 +38,8 @@ RESUME_FIELDS = ('seed', 'batch_size', 'num_train_steps', 'num_epochs', 'grad_ac
                  # What the weight average holds (ema.rank_by may change).
                  'ema.decay', 'ema.warmup',
                  # What the step trains on and against.
-                 'loss', 'mixup.*', 'cutmix.*')
+                 'loss', 'mixup.*', 'cutmix.*', 'dataset.randaugment', 'dataset.random_erasing',
+                 'model.dropout_rate', 'model.drop_path_rate')
 # Changing these changes the optimizer state's layout (its partition or its transforms).
 OPTIMIZER_LAYOUT_PREFIXES = ('config.optimizer.', 'config.finetune.')
 
@@ -66,7 +67,8 @@ def run_fields(config: Any, num_train: int | None = None) -> dict[str, Any]:
 
 # Fields added after checkpoints were first written: an older checkpoint (no record, or
 # None from an older config.json) was trained with their defaults (configs/default.py).
-ADDED_FIELDS = ('ema.*', 'loss', 'mixup.*', 'cutmix.*')
+ADDED_FIELDS = ('ema.*', 'loss', 'mixup.*', 'cutmix.*', 'dataset.randaugment',
+                'dataset.random_erasing', 'model.dropout_rate', 'model.drop_path_rate')
 
 
 def _field_defaults() -> dict[str, Any]:

@@ -334,7 +334,8 @@ class Setup:
                                    self.spec.frozen_bn),
         mix=mixing.settings(self.config) if mixing.enabled(self.config) else None,
         num_shards=len(self.par.devices), loss_kind=self.config.get('loss', 'softmax_xent'))
-    return self.par.compile(train_step), self.eval_step()
+    options = models.compiler_options(self.config.model, self.par.devices[0].platform)
+    return self.par.compile(train_step, compiler_options=options), self.eval_step()
 
   def eval_step(self):
     eval_step = make_eval_step(self.eval_model, self.num_classes,

@@ -77,7 +77,7 @@ class JaxBench:
     import jax.numpy as jnp
     import numpy as np
 
-    from resnet_jax import optim, train
+    from resnet_jax import models, optim, train
     self.jax = jax
     setup = train.Setup(config, num_classes, 50_000, int(config.dataset.image_size))
     self.setup = setup
@@ -97,10 +97,12 @@ class JaxBench:
     self.batch = par.put_batch(batch)
     self.state = par.put_state(state)
     self.flops = None
+    # The options training compiles with (remat on CPU needs one).
+    options = models.compiler_options(config.model, par.devices[0].platform)
     t0 = time.perf_counter()
     if par.mode == 'jit':
       # par.compile: under exact_reductions jit runs the step inside shard_map.
-      compiled = par.compile(step).lower(self.state, self.batch).compile()
+      compiled = par.compile(step, compiler_options=options).lower(self.state, self.batch).compile()
       self.compile_time = time.perf_counter() - t0
       self.flops = global_flops(compiled, len(par.devices),
                                 int(config.get('grad_accum_steps', 1)))

@@ -30,7 +30,7 @@ def memory(config, num_classes: int) -> dict:
   import jax
   import numpy as np
 
-  from resnet_jax import optim, train
+  from resnet_jax import models, optim, train
   size = int(config.dataset.image_size)
   setup = train.Setup(config, num_classes, 1_281_167, size)
   state = jax.eval_shape(lambda: setup.make_state(setup.fresh_variables))
@@ -40,7 +40,10 @@ def memory(config, num_classes: int) -> dict:
   b = int(config.batch_size) // len(setup.par.devices)
   batch = {'image': jax.ShapeDtypeStruct((b, size, size, 3), np.float32),
            'label': jax.ShapeDtypeStruct((b,), np.int32)}
-  compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+  # Compiled as training compiles it (remat on CPU needs an XLA option).
+  options = models.compiler_options(config.model, jax.devices()[0].platform)
+  compiled = jax.jit(step, donate_argnums=0, compiler_options=options).lower(
+      state, batch).compile()
   m = compiled.memory_analysis()
   temp, args, out, alias = (int(getattr(m, f'{k}_size_in_bytes')) for k in
                             ('temp', 'argument', 'output', 'alias'))

@@ -91,12 +91,25 @@ def test_rerun_of_a_finished_workdir_does_not_train_again(folder_config, tmp_pat
   assert second['accuracy'] == first['accuracy']
 
 
+# Every training feature at once: frozen stage, the weight average, mixup and CutMix with the
+# BCE loss, RandAugment and erasing, stochastic depth, remat and LAMB.
+EVERY_FEATURE = {'ema.decay': 0.9, 'mixup.alpha': 0.2, 'cutmix.alpha': 1.0,
+                 'loss': 'sigmoid_bce', 'dataset.randaugment': '2,9',
+                 'dataset.random_erasing': 0.5, 'model.drop_path_rate': 0.2,
+                 'model.remat': 'blocks', 'optimizer.name': 'lamb',
+                 'optimizer.learning_rate': 0.01, 'finetune.freeze_stages': 1}
+
+
 def test_interrupted_run_resumes_to_bit_identical_parameters(folder_config, tmp_path, monkeypatch):
-  """SIGTERM at step 3 saves a checkpoint; the rerun ends where an uninterrupted run ends,
-  the weight average (config.ema) included."""
+  """SIGTERM at step 3 saves a checkpoint; with every feature on, the rerun ends where an
+  uninterrupted run ends (parameters, statistics, optimizer state and the weight average),
+  and the frozen stem and stage1 (parameters, BatchNorm statistics, their average) are
+  still their initial values, bit for bit."""
+  for key, value in EVERY_FEATURE.items():
+    group, _, leaf = key.rpartition('.')
+    (folder_config[group] if group else folder_config)[leaf] = value
   folder_config.num_train_steps = 6
   folder_config.checkpoint_every_steps = 0
-  folder_config.ema.decay = 0.9
   straight = str(tmp_path / 'straight')
   train.train_and_evaluate(folder_config, straight)
 
@@ -111,10 +124,17 @@ def test_interrupted_run_resumes_to_bit_identical_parameters(folder_config, tmp_
   assert results['step'] == 6
   a, b = _params(straight), _params(resumed)
   assert int(a['step']) == int(b['step']) == 6
-  _assert_trees_equal(a['params'], b['params'])
-  _assert_trees_equal(a['batch_stats'], b['batch_stats'])
-  _assert_trees_equal(a['opt_state'], b['opt_state'])
-  _assert_trees_equal(a['ema'], b['ema'])
+  for part in ('params', 'batch_stats', 'opt_state', 'ema'):
+    _assert_trees_equal(a[part], b[part])
+
+  fresh = train.Setup(folder_config, 3, 30, 8).fresh_variables
+  for part in ('params', 'batch_stats'):
+    for name in ('stem', 'stage1'):
+      _assert_trees_equal(a[part][name], fresh[part][name])
+      _assert_trees_equal(a['ema'][part][name], fresh[part][name])
+    moved = [not np.array_equal(x, y) for x, y in zip(
+        jax.tree.leaves(a[part]['stage2']), jax.tree.leaves(fresh[part]['stage2']))]
+    assert all(moved), part
 
 
 def _no_reports(workdir):
@@ -291,7 +311,10 @@ def test_resume_with_changed_run_settings_is_refused_unless_allowed(folder_confi
   meta = checkpointing.Checkpointer(workdir, read_only=True).read_meta(4)
   for field, value in (('optimizer.learning_rate', 0.5), ('schedule.warmup_steps', 2),
                        ('batch_size', 4), ('grad_accum_steps', 2), ('num_epochs', 3.0),
-                       ('dataset.train_split', 'train[:50%]'), ('dataset.classes', 'cat,dog')):
+                       ('dataset.train_split', 'train[:50%]'), ('dataset.classes', 'cat,dog'),
+                       ('dataset.randaugment', '2,9'), ('dataset.random_erasing', 0.25),
+                       ('model.drop_path_rate', 0.1), ('model.dropout_rate', 0.2),
+                       ('mixup.alpha', 0.2), ('ema.decay', 0.9)):
     changed = copy.deepcopy(folder_config)
     changed.num_train_steps = -1 if field == 'num_epochs' else changed.num_train_steps
     node, path = changed, field.split('.')
