@@ -98,8 +98,9 @@ def import_script(name):
   from absl import flags
   scripts = os.path.join(REPO, 'scripts')
   for module, defined in flags.FLAGS.flags_by_module_dict().items():
-    if os.path.dirname(os.path.abspath(module)) == scripts or module in (
-        'benchmark', 'predict', 'export', 'serve', 'convert_torchvision'):
+    # absl keys flags by module name ('predict'), or by path when run as __main__.
+    if os.path.dirname(os.path.abspath(module)) == scripts or os.path.isfile(
+        os.path.join(scripts, module + '.py')):
       for flag in defined:
         if flag.name in flags.FLAGS:
           delattr(flags.FLAGS, flag.name)
