@@ -13,9 +13,9 @@ import tempfile
 # The suite's programs are tiny, so compiling dominates: LLVM at level 2 instead of XLA's
 # default 3 halves the compile time (a first tiny run: compiling 8.2 s -> 3.9 s, all of it
 # 12.5 s -> 8.3 s). Floats stay as close to level 3's as any two compilations are (1 vs 4
-# devices at learning rate 0.1 agree to 8e-7 over ten steps at either); level 0 would save another second but
-# moves them apart (2e-3), so tolerance-based comparisons would check numerics no user runs.
-# Both programs of every bit-identity comparison are compiled with the same flags.
+# devices at learning rate 0.1 agree to 8e-7 over ten steps at either); level 0 would save
+# another second but moves them apart (2e-3), so tolerance-based comparisons would check
+# numerics no user runs. Both programs of every bit-identity comparison compile alike.
 FAST_COMPILE = '--xla_backend_optimization_level=2'
 # Test modules import this file again as tests.conftest: the settings are made once.
 if FAST_COMPILE not in os.environ.get('XLA_FLAGS', ''):
