@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from resnet_jax import console, train
-from tests.conftest import REPO
+from tests.conftest import REPO, subprocess_env
 
 PROGRESS = re.compile(r'^step +(\d+)/(\d+)  loss (\d+\.\d{4})  accuracy (\d\.\d{4})  '
                       r'lr (\S+)  (-|[\d,]+) img/s  ETA (-|\d+:\d\d:\d\d)$')
@@ -101,8 +101,7 @@ def test_progress_line_reports_training_speed_and_eta(monkeypatch):
 def test_main_console_has_the_block_and_none_of_the_known_noise(tmp_path):
   from tests.conftest import write_image_folder
   images = write_image_folder(str(tmp_path / 'images'))
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             CUDA_VISIBLE_DEVICES='')
+  env = subprocess_env(1)
   env.pop('TF_CPP_MIN_LOG_LEVEL', None)
   proc = subprocess.run(
       [sys.executable, '-m', 'resnet_jax.main', '--config=configs/default.py',

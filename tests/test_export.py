@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from resnet_jax import checkpointing, export, exported, models, train
-from tests.conftest import CLASSES, REPO, digest, import_script, tiny_config, write_image_folder
+from tests.conftest import (CLASSES, REPO, digest, import_script, subprocess_env, tiny_config,
+                            write_image_folder)
 
 BATCH_SIZES = (1, 7, 64)
 
@@ -216,8 +217,8 @@ def test_readme_snippets_need_only_jax_or_only_tensorflow(exported_model, tmp_pa
 
 
 def run_export(*args):
-  env = dict(os.environ, XLA_FLAGS='', TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
-  return subprocess.run([sys.executable, 'scripts/export.py', *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, 'scripts/export.py', *args], cwd=REPO,
+                        env=subprocess_env(),
                         capture_output=True, text=True, timeout=300)
 
 

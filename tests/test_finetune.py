@@ -11,12 +11,18 @@ import pytest
 
 from resnet_jax import checkpointing, models, optim, pretrained, train
 from resnet_jax.errors import UserError
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, write_image_folder
 
 
 def _fresh(name='resnet20', classes=10, size=8, **kw):
   m = models.create_model(ml_collections.ConfigDict(dict(name=name, **kw)), classes)
   return m, jax.device_get(jax.jit(lambda r: models.init_variables(m, r, size))(jax.random.key(1)))
+
+
+def _shapes(name='resnet20', classes=10, size=8, **kw):
+  """_fresh's variables as shapes, without compiling: enough to compare trees by shape."""
+  m = models.create_model(ml_collections.ConfigDict(dict(name=name, **kw)), classes)
+  return jax.eval_shape(lambda r: models.init_variables(m, r, size), jax.random.key(1))
 
 
 # --------------------------------------------------------------------------- torchvision
@@ -104,9 +110,7 @@ def test_torch_name_map():
 
 
 def test_mismatch_report_names_each_problem():
-  _, r20 = _fresh('resnet20', 10)
-  _, r20_3 = _fresh('resnet20', 3)
-  _, r32 = _fresh('resnet32', 10)
+  r20, r20_3, r32 = _shapes('resnet20', 10), _shapes('resnet20', 3), _shapes('resnet32', 10)
   rep = checkpointing.compare_trees(r20, r20_3, dont_load='')
   assert sorted(rep.shape_mismatch) == ['params/head/bias: file (10,) vs model (3,)',
                                         'params/head/kernel: file (64, 10) vs model (64, 3)']
@@ -119,16 +123,21 @@ def test_mismatch_report_names_each_problem():
   assert 'params/stage3/block4/conv2/kernel' in rep.unexpected and not rep.missing
 
 
-def _pretrain(folder_config, workdir):
-  folder_config.num_train_steps = 3
-  train.train_and_evaluate(folder_config, workdir)
-  return checkpointing.load_variables(workdir)
+@pytest.fixture(scope='module')
+def pretrained_run(tmp_path_factory):
+  """(workdir, its variables) of a 3-step run on 3 classes, which the tests only read."""
+  base = tmp_path_factory.mktemp('pretrain')
+  c = tiny_config(**{'dataset.name': 'image_folder', 'dataset.eval_split': 'test',
+                     'dataset.data_dir': write_image_folder(str(base / 'images')),
+                     'num_train_steps': 3})
+  train.train_and_evaluate(c, str(base / 'pre'))
+  return str(base / 'pre'), checkpointing.load_variables(str(base / 'pre'))
 
 
-def test_head_reset_and_strict_failures(folder_config, tmp_path):
-  pre = _pretrain(folder_config, str(tmp_path / 'pre'))   # 3 classes.
+def test_head_reset_and_strict_failures(pretrained_run, tmp_path):
+  pre_dir, pre = pretrained_run   # 3 classes.
   _, fresh = _fresh('resnet20', 5, width_multiplier=0.25)
-  c = tiny_config(**{'finetune.init_from': str(tmp_path / 'pre'), 'finetune.dont_load': '',
+  c = tiny_config(**{'finetune.init_from': pre_dir, 'finetune.dont_load': '',
                      'finetune.reset_head': False})
   with pytest.raises(UserError, match='shape params/head/kernel'):
     pretrained.initial_variables(c, fresh)
@@ -140,7 +149,7 @@ def test_head_reset_and_strict_failures(folder_config, tmp_path):
                                 pre['params']['stage2']['block0']['conv1']['kernel'])
   np.testing.assert_array_equal(out['batch_stats']['stem']['bn']['mean'],
                                 pre['batch_stats']['stem']['bn']['mean'])
-  _, wide = _fresh('resnet20', 5, width_multiplier=0.5)
+  wide = _shapes('resnet20', 5, width_multiplier=0.5)
   with pytest.raises(UserError, match='shape-mismatched'):
     pretrained.initial_variables(c, wide)
   c.finetune.init_from = str(tmp_path / 'missing')
@@ -148,9 +157,9 @@ def test_head_reset_and_strict_failures(folder_config, tmp_path):
     pretrained.initial_variables(c, fresh)
 
 
-def test_frozen_parameters_and_batchnorm_statistics_stay_bit_identical(folder_config, tmp_path):
-  pre_dir = str(tmp_path / 'pre')
-  pre = _pretrain(folder_config, pre_dir)
+def test_frozen_parameters_and_batchnorm_statistics_stay_bit_identical(folder_config, tmp_path,
+                                                                       pretrained_run):
+  pre_dir, pre = pretrained_run
   ft_dir = str(tmp_path / 'ft')
   folder_config.dataset.classes = 'cat,dog'     # A new task with a new head.
   folder_config.finetune.init_from = pre_dir

@@ -1,6 +1,7 @@
 """The command line: bad input is one line naming the problem, exit 2, no traceback,
 and nothing in the workdir changes."""
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import pytest
 
 from resnet_jax import saved_config, train, workdir as workdir_lib
 from resnet_jax.errors import UserError
-from tests.conftest import REPO, digest, tiny_config
+from tests.conftest import REPO, digest, subprocess_env, tiny_config
 
 FOLDER_ARGS = ['--config.model.name=resnet20', '--config.model.width_multiplier=0.25',
                '--config.dataset.image_size=8', '--config.batch_size=8',
@@ -23,10 +24,20 @@ FOLDER_ARGS = ['--config.model.name=resnet20', '--config.model.width_multiplier=
 
 
 def run_main(*args, devices=1):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
-  return subprocess.run([sys.executable, '-m', 'resnet_jax.main', *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, '-m', 'resnet_jax.main', *args], cwd=REPO,
+                        env=subprocess_env(devices),
                         capture_output=True, text=True, timeout=300)
+
+
+def run_main_side_by_side(*arg_lists, devices=1):
+  """run_main for each argument list, two or more at a time, in order.
+
+  A failing command line spends its seconds importing TensorFlow and JAX in one
+  thread, and this process only waits: side by side they use the other cores.
+  """
+  workers = min(len(arg_lists), max(2, min(4, os.cpu_count() or 1)))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    return list(pool.map(lambda args: run_main(*args, devices=devices), arg_lists))
 
 
 def assert_one_line_error(proc, *fragments):
@@ -52,7 +63,7 @@ def trained_workdir(tmp_path_factory):
   return images, workdir
 
 
-@pytest.mark.parametrize('override,fragments', [
+BAD_OVERRIDES = [
     ('--config.model.name=resnet19', ('config.model.name', 'resnet19')),
     ('--config.optimizer.name=lamb', ('config.optimizer.name', 'lamb')),
     ('--config.schedule.name=step', ('config.schedule.name', 'step')),
@@ -64,13 +75,33 @@ def trained_workdir(tmp_path_factory):
     ('--config.model.name=resnet32', ('config.model.name', 'new workdir')),
     ('--config.model.width_multiplier=0.5', ('config.model.width_multiplier', 'new workdir')),
     ('--config.batch_size=100000', ('config.batch_size', 'larger than the training split')),
-])
-def test_bad_input_is_one_line_and_leaves_the_workdir_untouched(trained_workdir, override,
-                                                                 fragments):
+]
+
+
+@pytest.fixture(scope='module')
+def bad_override_runs(trained_workdir, tmp_path_factory):
+  """{override: (process, its workdir, the workdir's digest before)}, all run side by side.
+
+  Each run gets its own copy of the trained workdir, so a run that wrote to it fails
+  its own test.
+  """
   images, workdir = trained_workdir
-  before = digest(workdir)
-  proc = run_main('--config=configs/default.py', f'--workdir={workdir}', *FOLDER_ARGS,
-                  f'--config.dataset.data_dir={images}', override)
+  base = tmp_path_factory.mktemp('bad_overrides')
+  copies = [str(base / str(i)) for i in range(len(BAD_OVERRIDES))]
+  for copy in copies:
+    shutil.copytree(workdir, copy)
+  before = [digest(copy) for copy in copies]
+  procs = run_main_side_by_side(*[
+      ('--config=configs/default.py', f'--workdir={copy}', *FOLDER_ARGS,
+       f'--config.dataset.data_dir={images}', override)
+      for copy, (override, _) in zip(copies, BAD_OVERRIDES)])
+  return {override: run for (override, _), run in zip(BAD_OVERRIDES, zip(procs, copies, before))}
+
+
+@pytest.mark.parametrize('override,fragments', BAD_OVERRIDES)
+def test_bad_input_is_one_line_and_leaves_the_workdir_untouched(bad_override_runs, override,
+                                                                 fragments):
+  proc, workdir, before = bad_override_runs[override]
   assert_one_line_error(proc, *fragments)
   assert digest(workdir) == before
 
@@ -145,8 +176,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(trained_workdir, tmp_path, c
 def test_ctrl_c_during_start_up_exits_130_in_one_line(trained_workdir, tmp_path):
   images, _ = trained_workdir
   workdir = str(tmp_path / 'wd')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
+  env = subprocess_env(1)
   proc = subprocess.Popen(
       [sys.executable, '-m', 'resnet_jax.main', '--config=configs/default.py',
        f'--workdir={workdir}', *FOLDER_ARGS, f'--config.dataset.data_dir={images}'],
@@ -161,14 +191,15 @@ def test_ctrl_c_during_start_up_exits_130_in_one_line(trained_workdir, tmp_path)
 
 
 def test_missing_data_dir_and_unknown_dataset(tmp_path):
-  proc = run_main('--config=configs/default.py', f'--workdir={tmp_path}/wd', *FOLDER_ARGS,
-                  '--config.dataset.data_dir=/no/such/folder')
-  assert_one_line_error(proc, 'config.dataset.data_dir', '/no/such/folder')
+  missing_dir, unknown = run_main_side_by_side(
+      ('--config=configs/default.py', f'--workdir={tmp_path}/wd', *FOLDER_ARGS,
+       '--config.dataset.data_dir=/no/such/folder'),
+      ('--config=configs/default.py', f'--workdir={tmp_path}/wd2',
+       '--config.dataset.name=no_such_dataset_xyz', f'--config.dataset.data_dir={tmp_path}'))
+  assert_one_line_error(missing_dir, 'config.dataset.data_dir', '/no/such/folder')
   assert not os.path.exists(f'{tmp_path}/wd')
-  proc = run_main('--config=configs/default.py', f'--workdir={tmp_path}/wd',
-                  '--config.dataset.name=no_such_dataset_xyz',
-                  f'--config.dataset.data_dir={tmp_path}')
-  assert_one_line_error(proc, 'config.dataset.name', 'no_such_dataset_xyz')
+  assert_one_line_error(unknown, 'config.dataset.name', 'no_such_dataset_xyz')
+  assert not os.path.exists(f'{tmp_path}/wd2')
 
 
 def test_batch_that_does_not_divide_over_devices(trained_workdir, tmp_path):
@@ -190,10 +221,11 @@ def test_workdir_that_is_a_file(trained_workdir, tmp_path):
 
 
 def test_eval_mode_without_a_checkpoint_and_missing_config(tmp_path):
-  proc = run_main('--config=configs/default.py', f'--workdir={tmp_path}', '--mode=eval')
-  assert_one_line_error(proc, '--mode=eval', 'no checkpoint')
-  proc = run_main('--config=configs/nope.py', f'--workdir={tmp_path}')
-  assert_one_line_error(proc, 'nope.py')
+  no_checkpoint, missing_config = run_main_side_by_side(
+      ('--config=configs/default.py', f'--workdir={tmp_path}', '--mode=eval'),
+      ('--config=configs/nope.py', f'--workdir={tmp_path}'))
+  assert_one_line_error(no_checkpoint, '--mode=eval', 'no checkpoint')
+  assert_one_line_error(missing_config, 'nope.py')
 
 
 def test_cli_trains_and_eval_mode_reports(trained_workdir, tmp_path):
@@ -226,9 +258,8 @@ def test_eval_best_scores_the_best_step_not_the_newest(image_folder, tmp_path, m
   train.train_and_evaluate(c, workdir)
   monkeypatch.undo()
   assert train.evaluate_checkpoint(c, workdir, 'latest')['step'] == 2
-  proc = run_main('--config=configs/default.py', f'--workdir={workdir}', *FOLDER_ARGS,
-                  f'--config.dataset.data_dir={image_folder}', '--mode=eval', '--checkpoint=best')
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  # In this process: --checkpoint=best on the command line is test_cli_trains_and_eval_mode_reports'.
+  assert train.evaluate_checkpoint(c, workdir, 'best')['step'] == 1
   saved = json.load(open(os.path.join(workdir, 'eval_results.json')))
   assert (saved['step'], saved['checkpoint']) == (1, 'best')
 
@@ -237,12 +268,12 @@ def test_eval_mode_takes_the_workdirs_config_and_overrides_on_top(trained_workdi
   images, workdir = trained_workdir
   before = digest(workdir)
   reports = str(tmp_path / 'reports')
-  proc = run_main(f'--workdir={workdir}', '--mode=eval', f'--report_dir={reports}')
+  proc, mismatch = run_main_side_by_side(
+      (f'--workdir={workdir}', '--mode=eval', f'--report_dir={reports}'),
+      (f'--workdir={workdir}', '--mode=eval', '--config.model.width_multiplier=0.5'))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert json.load(open(os.path.join(reports, 'eval_results.json')))['step'] == 2
-  assert digest(workdir) == before
-  proc = run_main(f'--workdir={workdir}', '--mode=eval', '--config.model.width_multiplier=0.5')
-  assert_one_line_error(proc, 'config.model.width_multiplier', '0.5', '0.25', 'step 2')
+  assert_one_line_error(mismatch, 'config.model.width_multiplier', '0.5', '0.25', 'step 2')
   config = saved_config.load(workdir)
   config.dataset.classes = 'cat,dog'
   with pytest.raises(UserError, match=r'^config.dataset.classes: the data has 2 classes'):

@@ -10,7 +10,7 @@ import pytest
 
 from resnet_jax import train
 from resnet_jax.errors import UserError
-from tests.conftest import REPO, import_script
+from tests.conftest import REPO, import_script, subprocess_env, tiny_config, write_image_folder
 
 
 _BENCH_FLAGS = ['--config.model.width_multiplier=0.25', '--config.dataset.image_size=8',
@@ -26,7 +26,7 @@ def one_device_benchmark():
           'except SystemExit:\n  pass\n'
           'print("TF_LOADED", any(m.startswith("tensorflow") for m in sys.modules))')
   proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
-                        timeout=300, env=dict(os.environ, XLA_FLAGS=''))
+                        timeout=300, env=subprocess_env())
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = proc.stdout.strip().splitlines()
   return json.loads(lines[-2]), lines[-1]
@@ -60,10 +60,20 @@ def test_benchmark_counts_the_flops_of_all_devices(one_device_benchmark):
   assert exact['num_devices'] == 4 and exact['images_per_sec'] > 0
 
 
-def test_predict_prints_top_k_with_class_names(folder_config, tmp_path, caplog):
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """(config, workdir) of one short training run: predict only reads it."""
+  base = tmp_path_factory.mktemp('predict')
+  config = tiny_config(**{'dataset.name': 'image_folder', 'dataset.eval_split': 'test',
+                          'dataset.data_dir': write_image_folder(str(base / 'images')),
+                          'num_train_steps': 2})
+  train.train_and_evaluate(config, str(base / 'wd'))
+  return config, str(base / 'wd')
+
+
+def test_predict_prints_top_k_with_class_names(trained, tmp_path, caplog):
   predict = import_script('predict')
-  workdir = str(tmp_path / 'wd')
-  train.train_and_evaluate(folder_config, workdir)
+  folder_config, workdir = trained
   folder = os.path.join(folder_config.dataset.data_dir, 'test', 'dog')
   bad = tmp_path / 'broken.jpg'
   bad.write_bytes(b'nope')
@@ -79,25 +89,23 @@ def test_predict_prints_top_k_with_class_names(folder_config, tmp_path, caplog):
     predict.predict(str(tmp_path), [folder])
 
 
-def test_predict_uses_config_json_and_names_a_mismatched_field(folder_config, tmp_path):
+def test_predict_uses_config_json_and_names_a_mismatched_field(trained):
   predict = import_script('predict')
   from resnet_jax import saved_config
-  workdir = str(tmp_path / 'wd')
-  folder_config.num_train_steps = 2
-  train.train_and_evaluate(folder_config, workdir)
+  folder_config, workdir = trained
   image = os.path.join(folder_config.dataset.data_dir, 'test', 'dog', '0001.jpg')
   wide = saved_config.load(workdir)
   wide.model.width_multiplier = 0.5
   with pytest.raises(UserError, match=r'config.model.width_multiplier: 0.5 differs from 0.25'):
     predict.predict(workdir, [image], config=wide)
-  env = dict(os.environ, XLA_FLAGS='', TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
   command = [sys.executable, 'scripts/predict.py', f'--workdir={workdir}', '--top_k=2']
-  proc = subprocess.run(command + [image], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=300)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  assert proc.stdout.strip().startswith(f'{image}: ')
+  # Both command lines at once: each mostly imports in one thread.
+  runs = [subprocess.Popen(command + extra, cwd=REPO, env=subprocess_env(), text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+          for extra in ([image], ['--config.model.name=resnet32', image])]
+  (out, err), (_, mismatch_err) = [run.communicate(timeout=300) for run in runs]
+  assert runs[0].returncode == 0, err[-2000:]
+  assert out.strip().startswith(f'{image}: ')
   # --config.x=y applies on top of config.json (no --config file given).
-  proc = subprocess.run(command + ['--config.model.name=resnet32', image], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  assert proc.stderr.strip().splitlines()[-1].startswith("error: config.model.name: 'resnet32'")
+  assert runs[1].returncode == 2, mismatch_err[-2000:]
+  assert mismatch_err.strip().splitlines()[-1].startswith("error: config.model.name: 'resnet32'")

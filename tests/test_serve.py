@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from resnet_jax import exported, serving
-from tests.conftest import REPO
+from tests.conftest import REPO, subprocess_env
 from tests.test_export import exported_model  # noqa: F401  # pylint: disable=unused-import
 
 LIMIT = 20_000  # max_body_bytes of the test server.
@@ -261,7 +261,7 @@ def test_batcher_waits_only_for_images_on_their_way():
 
 def test_serve_cli_bad_input_is_one_line(tmp_path):
   from tests.test_main import assert_one_line_error
-  env = dict(os.environ, XLA_FLAGS='', TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
+  env = subprocess_env()
   run = lambda *args: subprocess.run([sys.executable, 'scripts/serve.py', *args], cwd=REPO,
                                      env=env, capture_output=True, text=True, timeout=300)
   assert_one_line_error(run(), '--exported', 'required')
