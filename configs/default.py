@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.verify_images = True  # Decode every image-folder file once at start.
   c.dataset.on_bad_image = 'skip'  # 'skip' (warn, naming the file) or 'error'.
   c.dataset.prefetch = 4         # Batches in flight, on the host and on the devices.
+  c.dataset.transfer = 'uint8'   # Host-to-device images: uint8 (normalised in the step) or float32.
   c.dataset.on_device = False    # Keep the training split on the devices; crop/flip in JAX.
   c.dataset.in_memory = 'auto'   # TFDS: hold decoded splits in memory (auto: if < 4 GiB), or stream.
   c.dataset.shuffle_buffer = 16384  # Streaming TFDS only.

@@ -24,6 +24,7 @@ import numpy as np
 from resnet_jax.errors import UserError
 # Pure Python and numpy; neither imports TensorFlow.
 from resnet_jax.input_pipeline import _train_indices, augment_kind
+from resnet_jax.preprocess import pixel_norm
 from resnet_jax.parallel import Parallel
 
 
@@ -37,6 +38,20 @@ def prefetch_to_device(par: Parallel, batches: Iterator[dict[str, np.ndarray]],
       yield queue.popleft()
   while queue:
     yield queue.popleft()
+
+
+def normalise(images: jax.Array, norm: tuple[np.ndarray, np.ndarray] | None) -> jax.Array:
+  """uint8 pixels -> the model's float32 input, (x - mean) * (1 / std); others as they are.
+
+  `norm` is `preprocess.pixel_norm`'s. The host pipeline sends uint8 batches (a
+  quarter of float32's bytes) and the jitted steps call this first, so
+  normalising runs on the device, fused with the first convolution. It is the
+  host's float32 arithmetic (a subtraction and a multiplication, each exactly
+  rounded; XLA:CPU's division is not), so the values are the same bits.
+  """
+  if norm is None or images.dtype != jnp.uint8:
+    return images
+  return (images.astype(jnp.float32) - norm[0]) * norm[1]
 
 
 def _augment_one(image: jax.Array, key: jax.Array, pad: int, flip: bool) -> jax.Array:
@@ -87,15 +102,14 @@ class DeviceDataset:
     self.labels = jax.device_put(labels.astype(np.int32), par.replicated)
     pad = int(cds.get('crop_padding', 4)) if augment == 'pad_crop' else 0
     flip = bool(cds.get('flip', True))
-    mean = jnp.asarray(cds.mean, jnp.float32) * 255.0
-    std = jnp.asarray(cds.std, jnp.float32) * 255.0
+    norm = pixel_norm(cds)
     base_key = jax.random.key(self.seed)
 
     def make_batch(images, labels, idx, counters):
       keys = jax.vmap(lambda c: jax.random.fold_in(base_key, c))(counters)
-      picked = jnp.take(images, idx, axis=0).astype(jnp.float32)
+      picked = jnp.take(images, idx, axis=0)
       picked = jax.vmap(lambda im, k: _augment_one(im, k, pad, flip))(picked, keys)
-      return {'image': (picked - mean) / std, 'label': jnp.take(labels, idx, axis=0)}
+      return {'image': normalise(picked, norm), 'label': jnp.take(labels, idx, axis=0)}
 
     self._make = jax.jit(make_batch, out_shardings=par.batch_sharding)
 

@@ -424,14 +424,20 @@ class Data:
     self.info = info
 
   def train_iter(self, local_batch: int, start_step: int = 0, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """Infinite iterator of {'image', 'label'} numpy batches from `start_step` on."""
+                 process_count: int = 1, as_uint8: bool = False
+                 ) -> Iterator[dict[str, np.ndarray]]:
+    """Infinite iterator of {'image', 'label'} numpy batches from `start_step` on.
+
+    `as_uint8`: images as uint8 pixels, to be normalised on the device
+    (`preprocess.sends_uint8`, `device_data.normalise`); else normalised float32.
+    """
     if isinstance(self.train_source, StreamSource):
-      return self._stream_train_iter(local_batch, start_step, process_index, process_count)
+      return self._stream_train_iter(local_batch, start_step, process_index, process_count,
+                                     as_uint8)
     tf = _tf()
     cds = self.config.dataset
     seed = int(self.config.seed)
-    preprocess = make_preprocess(cds, train=True)
+    preprocess = make_preprocess(cds, train=True, as_uint8=as_uint8)
     labels = tf.constant(self.train_source.labels)
     load = _load_example(tf, self.train_source)
     n = len(self.train_source)
@@ -451,13 +457,17 @@ class Data:
     return ds.as_numpy_iterator()
 
   def eval_iter(self, local_batch: int, process_index: int = 0,
-                process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """Every eval example exactly once, in order, padded to full batches with a mask."""
+                process_count: int = 1, as_uint8: bool = False
+                ) -> Iterator[dict[str, np.ndarray]]:
+    """Every eval example exactly once, in order, padded to full batches with a mask.
+
+    `as_uint8` as for `train_iter`.
+    """
     tf = _tf()
     source = self.eval_source
     n = len(source)
     num_batches = -(-int(np.ceil(n / process_count)) // local_batch)
-    preprocess = make_preprocess(self.config.dataset, train=False)
+    preprocess = make_preprocess(self.config.dataset, train=False, as_uint8=as_uint8)
     no_seed = tf.zeros([2], tf.int64)
     if isinstance(source, StreamSource):
       # Contiguous, nearly equal shards per process; the padding below evens them out.
@@ -482,7 +492,8 @@ class Data:
       yield pad_batch(batch, local_batch)
       count += 1
     while count < num_batches:  # Equal batch counts on every process.
-      yield pad_batch({'image': np.zeros((0, size, size, 3), np.float32),
+      yield pad_batch({'image': np.zeros((0, size, size, 3),
+                                         np.uint8 if as_uint8 else np.float32),
                        'label': np.zeros((0,), np.int32)}, local_batch)
       count += 1
 
@@ -502,7 +513,8 @@ class Data:
     return ds.with_options(options)
 
   def _stream_train_iter(self, local_batch: int, start_step: int, process_index: int,
-                         process_count: int) -> Iterator[dict[str, np.ndarray]]:
+                         process_count: int, as_uint8: bool = False
+                         ) -> Iterator[dict[str, np.ndarray]]:
     """Large TFDS splits, read one epoch at a time, so a resume reads at most one epoch.
 
     Each process reads its own contiguous part of the split (`tfds.even_splits`,
@@ -517,7 +529,7 @@ class Data:
     tf = _tf()
     cds = self.config.dataset
     seed = int(self.config.seed)
-    preprocess = make_preprocess(cds, train=True)
+    preprocess = make_preprocess(cds, train=True, as_uint8=as_uint8)
     source = self.train_source
     part = _tfds().even_splits(source.split, n=process_count,
                                drop_remainder=True)[process_index]

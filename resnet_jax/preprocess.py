@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from resnet_jax import augment
 from resnet_jax.errors import UserError
 
@@ -70,14 +72,41 @@ def _resize_shorter(tf: Any, image: Any, size: int) -> Any:
   return tf.image.resize(image, new, method='bilinear', antialias=True)
 
 
-def make_preprocess(config_ds: Any, train: bool):
-  """Returns fn(image uint8 HxWxC, seed int64[2]) -> float32 normalised image."""
+def pixel_norm(config_ds: Any) -> tuple[np.ndarray, np.ndarray]:
+  """(255 * mean, 1 / (255 * std)) in float32: normalising is (x - mean) * inv_std.
+
+  One set of constants and one formula for the host (here) and the device
+  (`device_data.normalise`): a multiplication rounds the same everywhere.
+  """
+  mean = np.asarray(config_ds.mean, np.float32) * np.float32(255.0)
+  std = np.asarray(config_ds.std, np.float32) * np.float32(255.0)
+  return mean, np.float32(1.0) / std
+
+
+def sends_uint8(config_ds: Any) -> bool:
+  """Whether batches leave the host as uint8 pixels (normalised in the jitted step).
+
+  `dataset.transfer='uint8'` (the default) sends a quarter of float32's bytes;
+  random erasing works in normalised space, so with it on the host normalises.
+  """
+  transfer = config_ds.get('transfer', 'uint8')
+  if transfer not in ('uint8', 'float32'):
+    raise UserError(f"config.dataset.transfer: choose 'uint8' or 'float32', got {transfer!r}")
+  return transfer == 'uint8' and not float(config_ds.get('random_erasing', 0.0))
+
+
+def make_preprocess(config_ds: Any, train: bool, as_uint8: bool = False):
+  """Returns fn(image uint8 HxWxC, seed int64[2]) -> float32 normalised image.
+
+  `as_uint8`: the image before normalisation, rounded to uint8 (pixels that
+  crops and flips leave integral stay exact; resizes are rounded, as PIL's
+  are); `device_data.normalise` then gives the same float32 values.
+  """
   tf = _tf()
   size = int(config_ds.image_size)
   resize_size = int(config_ds.get('resize_size', 0) or 0)
   kind = augment_kind(config_ds) if train else 'eval'
-  mean = tf.constant(config_ds.mean, tf.float32) * 255.0
-  std = tf.constant(config_ds.std, tf.float32) * 255.0
+  mean, inv_std = (tf.constant(v) for v in pixel_norm(config_ds))
   pad = int(config_ds.get('crop_padding', 4))
   flip = bool(config_ds.get('flip', True))
   eval_crop = bool(config_ds.get('eval_crop', True))
@@ -120,7 +149,11 @@ def make_preprocess(config_ds: Any, train: bool):
       more = tf.random.experimental.stateless_split(seeds[2], 2)
     if rand_augment:
       image = augment.randaugment(tf, image, rand_augment[0], rand_augment[1], more[0], fill)
-    image = (image - mean) / std
+    if as_uint8:
+      if erasing:
+        raise ValueError('random erasing needs the host to normalise (sends_uint8)')
+      return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    image = (image - mean) * inv_std
     if erasing:
       image = augment.random_erasing(tf, image, erasing, more[1])
     return image

@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from resnet_jax import (adversarial, augment, checkpointing, ema, mixing, models, optim,
-                        parallel, presets, reductions, resume)
+from resnet_jax import (adversarial, augment, checkpointing, device_data, ema, mixing, models,
+                        optim, parallel, preprocess, presets, reductions, resume)
 from resnet_jax.errors import UserError
 from resnet_jax.loop import Preempted  # noqa: F401  (main catches train.Preempted)
 
@@ -41,7 +41,7 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
                     exact_reductions: bool = False, ema_decay: float = 0.0,
                     ema_warmup: bool = True, ema_moving: Any = None,
                     mix: dict[str, float] | None = None, num_shards: int = 1,
-                    loss_kind: str = 'softmax_xent'
+                    loss_kind: str = 'softmax_xent', pixel_norm: Any = None
                     ) -> Callable[..., tuple[State, dict[str, jax.Array]]]:
   """One step body for jit and pmap; only `axis_name` differs between them.
 
@@ -73,6 +73,9 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
   pairing examples within each of its `num_shards` device shards (the device
   count under plain jit, 1 per device under pmap); `loss_kind` is
   `mixing.loss`'s. Accuracy counts the dominant label.
+
+  `pixel_norm` (`preprocess.pixel_norm`): uint8 batches are normalised first,
+  on the device (`device_data.normalise`); float batches are taken as they are.
   """
   base_rng = jax.random.key(0) if base_rng is None else base_rng
   attack_model = model if attack_model is None else attack_model
@@ -103,7 +106,7 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
     rng = step_rng
     if axis_name is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    images, labels = batch['image'], batch['label']
+    images, labels = device_data.normalise(batch['image'], pixel_norm), batch['label']
     if mix is not None:  # One draw per step, the same on every device.
       images, targets, labels = mixing.mix(
           jax.random.fold_in(step_rng, 3), images, labels, num_classes, label_smoothing, mix,
@@ -161,8 +164,11 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation,
 def make_eval_step(model: models.ResNet, num_classes: int,
                    attack: adversarial.Attack | None = None,
                    attack_rng: jax.Array | None = None,
-                   exact_reductions: bool = False) -> Callable[..., dict[str, jax.Array]]:
+                   exact_reductions: bool = False,
+                   pixel_norm: Any = None) -> Callable[..., dict[str, jax.Array]]:
   """Masked sums over a batch, including the confusion matrix (true class x predicted).
+
+  uint8 batches are normalised first with `pixel_norm`, as in the train step.
 
   With an `attack`, also `robust_correct`: the examples still classified right
   after the attack on the eval-mode model, masked like the rest, so every
@@ -172,7 +178,8 @@ def make_eval_step(model: models.ResNet, num_classes: int,
 
   def eval_step(state: State, batch: dict[str, jax.Array], axis_name: str | None = None):
     variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
-    logits = model.apply(variables, batch['image'], train=False)
+    image = device_data.normalise(batch['image'], pixel_norm)
+    logits = model.apply(variables, image, train=False)
     labels, mask = batch['label'], batch['mask']
     loss = optim.cross_entropy(logits, labels, num_classes)
     pred = jnp.argmax(logits, -1)
@@ -187,8 +194,8 @@ def make_eval_step(model: models.ResNet, num_classes: int,
       rng = attack_rng if axis_name is None else jax.random.fold_in(
           attack_rng, jax.lax.axis_index(axis_name))
       adv = attack(lambda x: optim.cross_entropy(model.apply(variables, x, train=False), labels,
-                                                 num_classes), batch['image'], rng)
-      adv_pred = jnp.argmax(model.apply(variables, adv.astype(batch['image'].dtype),
+                                                 num_classes), image, rng)
+      adv_pred = jnp.argmax(model.apply(variables, adv.astype(image.dtype),
                                         train=False), -1)
       sums['robust_correct'] = jnp.sum((adv_pred == labels) * mask)
     if axis_name is not None:  # Exact: the eval loss's float sum is topology-free too.
@@ -251,6 +258,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise UserError(f'config.{field}: must be >= 0, got {config.get(field)}')
   if int(config.get('grad_accum_steps', 1)) < 1:
     raise UserError(f'config.grad_accum_steps: must be >= 1, got {config.grad_accum_steps}')
+  preprocess.sends_uint8(config.dataset)  # Checks dataset.transfer.
   if not 0.0 <= float(config.get('label_smoothing', 0.0)) < 1.0:
     raise UserError(f'config.label_smoothing: must be in [0, 1), got {config.label_smoothing}')
   std = tuple(config.dataset.get('std', ()))
@@ -317,7 +325,8 @@ class Setup:
     """Scores the whole eval split (this process's shard) with `eval_step`."""
     return evaluate(self.par, eval_step, state,
                     data.eval_iter(self.local_eval_batch, jax.process_index(),
-                                   jax.process_count()))
+                                   jax.process_count(),
+                                   as_uint8=preprocess.sends_uint8(self.config.dataset)))
 
   def steps(self):
     trainable = optim.trainable_mask(self.spec, self.fresh_variables['params'])
@@ -333,7 +342,8 @@ class Setup:
         ema_moving=ema.moving_mask(trainable, self.fresh_variables.get('batch_stats', {}),
                                    self.spec.frozen_bn),
         mix=mixing.settings(self.config) if mixing.enabled(self.config) else None,
-        num_shards=len(self.par.devices), loss_kind=self.config.get('loss', 'softmax_xent'))
+        num_shards=len(self.par.devices), loss_kind=self.config.get('loss', 'softmax_xent'),
+        pixel_norm=preprocess.pixel_norm(self.config.dataset))
     options = models.compiler_options(self.config.model, self.par.devices[0].platform)
     return self.par.compile(train_step, compiler_options=options), self.eval_step()
 
@@ -341,7 +351,8 @@ class Setup:
     eval_step = make_eval_step(self.eval_model, self.num_classes,
                                adversarial.eval_attack(self.config),
                                jax.random.fold_in(jax.random.key(int(self.config.seed)), 2),
-                               exact_reductions=self.par.exact)
+                               exact_reductions=self.par.exact,
+                               pixel_norm=preprocess.pixel_norm(self.config.dataset))
     return self.par.compile(eval_step, donate_state=False)
 
 
@@ -455,7 +466,8 @@ def _train_batches(config: ml_collections.ConfigDict, data: Any, setup: Setup,
     images = input_pipeline.to_uint8_images(data.train_source, data.info.image_size)
     dataset = device_data.DeviceDataset(images, data.train_source.labels, config, setup.par)
     return dataset.iterate(int(config.batch_size), start_step)
-  host = data.train_iter(setup.local_batch, start_step, jax.process_index(), jax.process_count())
+  host = data.train_iter(setup.local_batch, start_step, jax.process_index(), jax.process_count(),
+                         as_uint8=preprocess.sends_uint8(config.dataset))
   return device_data.prefetch_to_device(setup.par, host, int(config.dataset.get('prefetch', 2)))
 
 

@@ -61,9 +61,10 @@ def grid(config, rows: int, cols: int, step: int = 0):
     image = np.asarray(jax.device_get(next(batches)['image']))
     images.append(image.reshape((-1,) + image.shape[-3:]))  # pmap: [devices, batch, ...].
   images = np.concatenate(images)[:n]
-  mean = np.asarray(config.dataset.mean, np.float32) * 255.0
-  std = np.asarray(config.dataset.std, np.float32) * 255.0
-  images = np.clip(images * std + mean, 0, 255).round().astype(np.uint8)
+  if images.dtype != np.uint8:  # Normalised on the host (random erasing, transfer=float32).
+    mean = np.asarray(config.dataset.mean, np.float32) * 255.0
+    std = np.asarray(config.dataset.std, np.float32) * 255.0
+    images = np.clip(images * std + mean, 0, 255).round().astype(np.uint8)
   h, w = images.shape[1:3]
   return images.reshape(rows, cols, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(
       rows * h, cols * w, 3)
