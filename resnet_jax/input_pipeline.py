@@ -439,7 +439,12 @@ class Data:
     seed = int(self.config.seed)
     preprocess = make_preprocess(cds, train=True, as_uint8=as_uint8)
     labels = tf.constant(self.train_source.labels)
-    load = _load_example(tf, self.train_source)
+    if self.train_source.paths is not None:  # From the file's bytes: JPEG crops decode less.
+      paths = tf.constant(self.train_source.paths.astype(str))
+      example = lambda i, s: preprocess.from_file(tf.io.read_file(tf.gather(paths, i)), s)
+    else:
+      load = _load_example(tf, self.train_source)
+      example = lambda i, s: preprocess(load(i), s)
     n = len(self.train_source)
     gen = lambda: _train_indices(seed, n, local_batch, start_step, process_index, process_count)
     # Checked here too: inside the tf.data generator the error would become a TF error.
@@ -449,7 +454,7 @@ class Data:
     ds = ds.unbatch()
 
     def prepare(index, counter):
-      image = preprocess(load(index), tf.stack([tf.constant(seed, tf.int64), counter]))
+      image = example(index, tf.stack([tf.constant(seed, tf.int64), counter]))
       return {'image': image, 'label': tf.gather(labels, index)}
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -540,7 +545,7 @@ class Data:
     def prepare(count, ex):
       step, j = count // local_batch, count % local_batch
       counter = (step * process_count + process_index) * local_batch + j
-      image = preprocess(_decode(tf, ex['image']), tf.stack([tf.constant(seed, tf.int64), counter]))
+      image = preprocess.from_file(ex['image'], tf.stack([tf.constant(seed, tf.int64), counter]))
       return {'image': image, 'label': tf.cast(ex['label'], tf.int32)}
 
     def epoch_batches(epoch: int, offset: int) -> Iterator[dict[str, np.ndarray]]:

@@ -98,6 +98,9 @@ def sends_uint8(config_ds: Any) -> bool:
 def make_preprocess(config_ds: Any, train: bool, as_uint8: bool = False):
   """Returns fn(image uint8 HxWxC, seed int64[2]) -> float32 normalised image.
 
+  `fn.from_file(encoded bytes, seed)` is the same from an image file's bytes
+  (decoding only the crop window of a JPEG under random_resized_crop).
+
   `as_uint8`: the image before normalisation, rounded to uint8 (pixels that
   crops and flips leave integral stay exact; resizes are rounded, as PIL's
   are); `device_data.normalise` then gives the same float32 values.
@@ -114,21 +117,54 @@ def make_preprocess(config_ds: Any, train: bool, as_uint8: bool = False):
   erasing = float(config_ds.get('random_erasing', 0.0)) if train else 0.0
   fill = augment.fill_colour(config_ds.mean)
 
+  def window(shape, seed):
+    """random_resized_crop's box (begin, size) for an image of `shape` [h, w, 3]."""
+    begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, tf.zeros([0, 0, 4], tf.float32), seed=seed,
+        min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
+    return begin, crop
+
   def fn(image, seed):
     image = tf.cast(image, tf.float32)
     if image.shape[-1] == 1:
       image = tf.image.grayscale_to_rgb(image)
     seeds = tf.random.experimental.stateless_split(seed, 3)
+    if kind == 'random_resized_crop':
+      begin, crop = window(tf.shape(image), seeds[0])
+      image = tf.slice(image, begin, crop)
+    return finish(image, seeds)
+
+  def from_file(data, seed):
+    """fn(decode(data), seed) from encoded bytes: under random_resized_crop a JPEG is
+    decoded only inside its crop window (the same box from its header's size, the same
+    pixels: `tf.image.decode_and_crop_jpeg`), which saves most of the decoding of a
+    large photo; other formats and augmentations decode the whole image."""
+    if kind != 'random_resized_crop':
+      return fn(tf.io.decode_image(data, channels=3, expand_animations=False), seed)
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+
+    def jpeg():
+      shape = tf.concat([tf.image.extract_jpeg_shape(data)[:2], [3]], 0)
+      begin, crop = window(shape, seeds[0])
+      return tf.image.decode_and_crop_jpeg(
+          data, tf.stack([begin[0], begin[1], crop[0], crop[1]]), channels=3)
+
+    def whole():
+      image = tf.io.decode_image(data, channels=3, expand_animations=False)
+      begin, crop = window(tf.shape(image), seeds[0])
+      return tf.slice(image, begin, crop)
+
+    image = tf.cond(tf.io.is_jpeg(data), jpeg, whole)
+    return finish(tf.cast(image, tf.float32), seeds)
+
+  def finish(image, seeds):
+    """Everything after random_resized_crop's window (the whole of the other kinds)."""
     if kind == 'pad_crop':
       image = fit_to_size(tf, image, size)  # As on the device (to_uint8_images).
       image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
       image = tf.image.stateless_random_crop(image, (size, size, 3), seeds[0])
     elif kind == 'random_resized_crop':
-      begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
-          tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=seeds[0],
-          min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
-          area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
-      image = tf.slice(image, begin, crop)
       image = tf.image.resize(image, (size, size), method='bilinear', antialias=True)
     elif kind == 'resize_crop':
       image = tf.image.resize(image, (resize_size or size, resize_size or size), antialias=True)
@@ -158,4 +194,5 @@ def make_preprocess(config_ds: Any, train: bool, as_uint8: bool = False):
       image = augment.random_erasing(tf, image, erasing, more[1])
     return image
 
+  fn.from_file = from_file
   return fn
