@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.mean = (0.4914, 0.4822, 0.4465)
   c.dataset.std = (0.2470, 0.2435, 0.2616)
   c.dataset.verify_images = True  # Decode every image-folder file once at start.
+  c.dataset.decode_once = True   # Keep an image folder's pixels in memory if equal-sized and small.
   c.dataset.on_bad_image = 'skip'  # 'skip' (warn, naming the file) or 'error'.
   c.dataset.prefetch = 4         # Batches in flight, on the host and on the devices.
   c.dataset.transfer = 'uint8'   # Host-to-device images: uint8 (normalised in the step) or float32.

@@ -120,6 +120,30 @@ def to_uint8_images(source: Source, size: int) -> np.ndarray:
   return np.concatenate(parts) if parts else np.zeros((0, size, size, 3), np.uint8)
 
 
+def decoded_once(source: Source, limit: int = _IN_MEMORY_MAX_BYTES) -> Source:
+  """The split with its files decoded into memory, if they share one shape and fit.
+
+  Small folders of equal-sized images (CIFAR-like) are decoded once, with the
+  training decoder, instead of once per epoch per image: the pipeline then
+  gathers uint8 pixels from memory, the same pixels. A folder of mixed sizes is
+  found out at its first batch of 1,024 files and keeps reading files, as does
+  one whose pixels would exceed `limit` bytes.
+  """
+  tf = _tf()
+  ds = tf.data.Dataset.from_tensor_slices(source.paths.astype(str)).map(
+      lambda p: _decode(tf, tf.io.read_file(p)), num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True)
+  parts = []
+  try:
+    for batch in ds.batch(1024).as_numpy_iterator():
+      if not parts and batch[0].nbytes * len(source) > limit:
+        return source
+      parts.append(batch)
+  except tf.errors.InvalidArgumentError:  # Files of different sizes cannot batch.
+    return source
+  return Source(labels=source.labels, images=np.concatenate(parts))
+
+
 def _class_subset(config_ds: Any) -> list[str]:
   classes = config_ds.get('classes', '')
   if isinstance(classes, (tuple, list)):
@@ -422,6 +446,22 @@ class Data:
     self.train_source = train
     self.eval_source = eval_
     self.info = info
+    self._in_memory: dict[str, Source] = {}
+
+  def _readable(self, which: str) -> Source | StreamSource:
+    """The train or eval source to read from: decoded into memory once where that pays
+    (`dataset.decode_once`, image folders of equal-sized files, `decoded_once`).
+    random_resized_crop training keeps reading files, which decodes only each
+    JPEG's crop window."""
+    source = self.train_source if which == 'train' else self.eval_source
+    cds = self.config.dataset
+    if (not isinstance(source, Source) or source.paths is None or
+        not cds.get('decode_once', True) or
+        (which == 'train' and augment_kind(cds) == 'random_resized_crop')):
+      return source
+    if which not in self._in_memory:
+      self._in_memory[which] = decoded_once(source)
+    return self._in_memory[which]
 
   def train_iter(self, local_batch: int, start_step: int = 0, process_index: int = 0,
                  process_count: int = 1, as_uint8: bool = False
@@ -438,14 +478,15 @@ class Data:
     cds = self.config.dataset
     seed = int(self.config.seed)
     preprocess = make_preprocess(cds, train=True, as_uint8=as_uint8)
-    labels = tf.constant(self.train_source.labels)
-    if self.train_source.paths is not None:  # From the file's bytes: JPEG crops decode less.
-      paths = tf.constant(self.train_source.paths.astype(str))
+    source = self._readable('train')
+    labels = tf.constant(source.labels)
+    if source.paths is not None:  # From the file's bytes: JPEG crops decode less.
+      paths = tf.constant(source.paths.astype(str))
       example = lambda i, s: preprocess.from_file(tf.io.read_file(tf.gather(paths, i)), s)
     else:
-      load = _load_example(tf, self.train_source)
+      load = _load_example(tf, source)
       example = lambda i, s: preprocess(load(i), s)
-    n = len(self.train_source)
+    n = len(source)
     gen = lambda: _train_indices(seed, n, local_batch, start_step, process_index, process_count)
     # Checked here too: inside the tf.data generator the error would become a TF error.
     check_steps_per_epoch(n, local_batch * process_count)
@@ -469,7 +510,7 @@ class Data:
     `as_uint8` as for `train_iter`.
     """
     tf = _tf()
-    source = self.eval_source
+    source = self._readable('eval')
     n = len(source)
     num_batches = -(-int(np.ceil(n / process_count)) // local_batch)
     preprocess = make_preprocess(self.config.dataset, train=False, as_uint8=as_uint8)
