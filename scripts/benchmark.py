@@ -1,7 +1,16 @@
-"""Times the train step on synthetic data and prints one JSON line (the last line of stdout).
+"""Times training's parts and prints one JSON line (the last line of stdout).
 
   python scripts/benchmark.py --config=configs/cifar10.py --steps=10 [--config.batch_size=128]
   python scripts/benchmark.py --config=configs/cifar10.py --steps=5 --compare-torch
+  python scripts/benchmark.py --mode=input --config=... --config.dataset.name=image_folder ...
+  python scripts/benchmark.py --mode=loop --config=configs/cifar10.py --steps=20
+
+--mode=step (default) times the bare jitted train step on a synthetic batch.
+--mode=input times the host input pipeline alone (`Data.train_iter`, no model):
+images/s and images/s per CPU core. --mode=loop times the training loop's own
+per-step path (`loop.Loop`: iterator, step, per-step metrics, log lines) on a
+device-resident synthetic batch against the bare step on the same compiled
+step, batch and state, in alternating rounds: loop_efficiency = loop / step.
 
 Needs only jax, flax, optax, numpy and ml-collections (no TensorFlow), so it
 runs on accelerator machines that lack the rest. With --compare-torch the same
@@ -24,7 +33,10 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+flags.DEFINE_string('mode', 'step', 'step: the bare train step; input: the host input '
+                    'pipeline; loop: the training loop against the bare step.')
 flags.DEFINE_integer('steps', 10, 'Timed steps per round.')
+flags.DEFINE_integer('warmup', 3, '--mode=input: batches read before the clock starts.')
 flags.DEFINE_integer('rounds', 3, 'Timing rounds (alternating with torch when comparing).')
 flags.DEFINE_integer('num_classes', 10, 'Classes of the synthetic task.')
 flags.DEFINE_bool('compare_torch', False, 'Also time the same network in PyTorch.')
@@ -184,11 +196,12 @@ def benchmark(config, steps: int, rounds: int, num_classes: int, compare_torch: 
   devices = jb.setup.par.devices
   dtype = config.model.dtype
   result = {
-      'model': config.model.name, 'stem': config.model.stem or 'default',
+      'mode': 'step', 'model': config.model.name, 'stem': config.model.stem or 'default',
       'image_size': int(config.dataset.image_size), 'batch_size': b, 'dtype': dtype,
       'parallelism': jb.setup.par.mode,
       'images_per_sec': b / step_time, 'step_time_ms': 1000 * step_time,
-      'compile_time_s': jb.compile_time, 'num_devices': len(devices),
+      'compile_time_s': jb.compile_time, 'compile_seconds': jb.compile_time,
+      'num_devices': len(devices),
       'device_kind': devices[0].device_kind,
       'flops_per_image': jb.flops / b if jb.flops else None, 'mfu': None,
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
@@ -205,12 +218,137 @@ def benchmark(config, steps: int, rounds: int, num_classes: int, compare_torch: 
   return result
 
 
+def cpu_cores() -> int:
+  """The cores this process may run on (its affinity), else the machine's."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
+def benchmark_input(config, steps: int, warmup: int = 3) -> dict:
+  """The host input pipeline alone: `create_data(config)`, then `Data.train_iter` batches.
+
+  No model and no device: what one process's tf.data feed (decode, augment,
+  normalise, batch) delivers per second. `images` counts what the timed
+  batches held.
+  """
+  from resnet_jax import input_pipeline, preprocess
+  data = input_pipeline.create_data(config)
+  b = int(config.batch_size)
+  # As training reads them: uint8 unless the host must normalise (preprocess.sends_uint8).
+  uint8 = preprocess.sends_uint8(config.dataset)
+  batches = data.train_iter(b, as_uint8=uint8)
+  for _ in range(warmup):
+    next(batches)
+  images = 0
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    images += int(next(batches)['image'].shape[0])
+  seconds = time.perf_counter() - t0
+  cores = cpu_cores()
+  rate = images / seconds
+  cds = config.dataset
+  return {'mode': 'input', 'dataset': cds.name, 'image_size': int(cds.image_size),
+          'augment': input_pipeline.augment_kind(cds),
+          'randaugment': cds.get('randaugment', '') or None, 'batch_size': b,
+          'transfer': 'uint8' if uint8 else 'float32',
+          'decode_once': bool(cds.get('decode_once', True)),
+          'steps': steps, 'warmup_batches': warmup, 'images': images, 'seconds': seconds,
+          'images_per_sec': rate, 'images_per_sec_per_core': rate / cores, 'cores': cores}
+
+
+class _NoCheckpoint:
+  def save(self, *args, **kwargs) -> None:
+    del args, kwargs
+
+
+class _NoReport:
+  def train_metrics(self, step, means) -> None:
+    del step, means
+
+  def eval_results(self, step, res, final=False, **kwargs) -> dict:
+    del res, final, kwargs
+    return {'step': step, 'accuracy': 0.0}
+
+
+class LoopBench:
+  """`loop.Loop.run` over the bench's compiled step and a device-resident batch.
+
+  The loop does all it does per step in training (next batch, step, StepMetrics'
+  host copy of the previous step's metrics, log lines every log_every steps);
+  evaluation and checkpoints are no-ops outside the clock. The clock runs from
+  the end of the loop's first step (as the loop's own images/s does) until the
+  final state is ready, before the loop copies it to the host.
+  """
+
+  def __init__(self, jb: 'JaxBench', log_every: int):
+    self.jb = jb
+    self.log_every = log_every
+
+  def run(self, steps: int) -> float:
+    from resnet_jax import loop
+    jax, jb = self.jb.jax, self.jb
+    clock: dict = {}
+
+    def batches():
+      yield jb.batch
+      clock['start'] = time.perf_counter()  # Step 1 has finished (the loop waits for it).
+      while True:
+        yield jb.batch
+
+    def get_state(state):
+      jax.block_until_ready(state)
+      clock['end'] = time.perf_counter()
+      jb.state = state   # The loop donated the old one; carry on from this.
+      return jb.setup.par.get_state(state)
+
+    never = steps + 2
+    loop.Loop(train_step=jb.step, evaluate=lambda s: {'loss': 0.0}, get_state=get_state,
+              get_metrics=jb.setup.par.get_metrics, ckpt=_NoCheckpoint(), rep=_NoReport(),
+              meta={}, total=steps + 1, log_every=self.log_every, eval_every=never,
+              ckpt_every=never, global_batch=int(jb.batch_host['label'].shape[0]),
+              ).run(jb.state, batches(), 0, loop.Preemption())
+    return (clock['end'] - clock['start']) / steps
+
+
+def benchmark_loop(config, steps: int, rounds: int, num_classes: int) -> dict:
+  """Training loop vs bare step: same compiled step, batch and state, alternating rounds."""
+  jb = JaxBench(config, num_classes)
+  lb = LoopBench(jb, int(config.log_every_steps) or steps + 1)
+  loop_times, step_times = [], []
+  for _ in range(rounds):
+    step_times.append(jb.run(steps))
+    loop_times.append(lb.run(steps))
+  b = int(config.batch_size)
+  loop_rate, step_rate = b / min(loop_times), b / min(step_times)
+  return {'mode': 'loop', 'model': config.model.name, 'image_size': int(config.dataset.image_size),
+          'batch_size': b, 'dtype': config.model.dtype, 'steps': steps, 'rounds': rounds,
+          'log_every': lb.log_every, 'loop_images_per_sec': loop_rate,
+          'step_images_per_sec': step_rate, 'loop_efficiency': loop_rate / step_rate,
+          'loop_step_ms': [1000 * t for t in loop_times],
+          'bare_step_ms': [1000 * t for t in step_times],
+          'compile_seconds': jb.compile_time, 'num_devices': len(jb.setup.par.devices),
+          'device_kind': jb.setup.par.devices[0].device_kind}
+
+
+MODES = ('step', 'input', 'loop')
+
+
 def main(argv):
   del argv
   from resnet_jax.errors import UserError
+  if FLAGS.mode not in MODES:
+    print(f'error: --mode: choose {", ".join(MODES)}; got {FLAGS.mode!r}', file=sys.stderr)
+    sys.exit(2)
   try:
-    result = benchmark(FLAGS.config, FLAGS.steps, FLAGS.rounds, FLAGS.num_classes,
-                       FLAGS.compare_torch, FLAGS.torch_threads)
+    if FLAGS.mode == 'input':
+      result = benchmark_input(FLAGS.config, FLAGS.steps, FLAGS.warmup)
+    elif FLAGS.mode == 'loop':
+      result = benchmark_loop(FLAGS.config, FLAGS.steps, FLAGS.rounds, FLAGS.num_classes)
+    else:
+      result = benchmark(FLAGS.config, FLAGS.steps, FLAGS.rounds, FLAGS.num_classes,
+                         FLAGS.compare_torch, FLAGS.torch_threads)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
