@@ -1,6 +1,7 @@
 """random_resized_crop decodes only the crop window of a JPEG (preprocess's from_file)."""
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -41,3 +42,27 @@ def test_the_crop_window_decode_gives_the_whole_decodes_crop(fmt, mode):
     else:  # The same crop, not another box: nearly every pixel equal.
       assert np.mean(np.abs(cropped.astype(int) - whole) <= 2) > 0.98
   assert np.mean(differing) < 0.05
+
+
+def test_the_side_by_side_script_times_both_decodes(tmp_path, capsys):
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  from tests.conftest import import_script  # pylint: disable=import-outside-toplevel
+  script = import_script('benchmark_jpeg_crop')
+  for k in range(3):
+    (tmp_path / f'{k}.jpg').write_bytes(_encoded('JPEG', seed=k))
+  flags.FLAGS(['benchmark_jpeg_crop', f'--data_dir={tmp_path}', '--image_size=16',
+               '--images=8', '--rounds=1'])
+  try:
+    script.main([])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result['whole_decode_images_per_sec'] > 0 and result['crop_window_decode_per_core'] > 0
+    assert result['ratio'] == pytest.approx(result['crop_window_decode_images_per_sec'] /
+                                            result['whole_decode_images_per_sec'], rel=0.01)
+    flags.FLAGS(['benchmark_jpeg_crop', f'--data_dir={tmp_path / "none"}'])
+    with pytest.raises(SystemExit) as info:
+      script.main([])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().startswith('error: --data_dir: no .jpg files under')
+  finally:
+    flags.FLAGS.unparse_flags()
