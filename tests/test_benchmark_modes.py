@@ -43,3 +43,18 @@ def test_unknown_mode_is_a_one_line_error():
   assert proc.stderr.strip().splitlines() == [
       "error: --mode: choose step, input, loop; got 'fast'"]
   assert proc.stdout == ''
+
+
+def test_torch_comparison_uses_channels_last_and_the_best_round_of_each_side():
+  import pytest  # pylint: disable=import-outside-toplevel
+  pytest.importorskip('torch')
+  benchmark = import_script('benchmark')
+  config = tiny_config()
+  result = benchmark.benchmark(config, steps=1, rounds=2, num_classes=10, compare_torch=True)
+  assert result['torch_channels_last'] is True
+  assert result['jax_over_torch'] == pytest.approx(
+      result['torch_step_time_ms'] / result['step_time_ms'])
+  assert result['images_per_sec'] == pytest.approx(8 / (result['step_time_ms'] / 1000))
+  assert len(result['round_ms']) == len(result['torch_round_ms']) == 2
+  assert result['step_time_ms'] == min(result['round_ms'])
+  assert result['torch_step_time_ms'] == min(result['torch_round_ms'])
