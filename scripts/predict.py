@@ -36,7 +36,7 @@ FLAGS = flags.FLAGS
 
 
 def list_images(paths: list[str]) -> list[str]:
-  from resnet_jax.input_pipeline import IMAGE_EXTENSIONS
+  from resnet_jax.image_folder import IMAGE_EXTENSIONS
   from resnet_jax.errors import UserError
   found = []
   for p in paths:

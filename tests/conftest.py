@@ -116,11 +116,12 @@ def import_script(name):
   import importlib
   from absl import flags
   scripts = os.path.join(REPO, 'scripts')
-  for module, defined in flags.FLAGS.flags_by_module_dict().items():
+  # Copies: deleting a flag removes it from these live lists (iterating them skipped flags).
+  for module, defined in list(flags.FLAGS.flags_by_module_dict().items()):
     # absl keys flags by module name ('predict'), or by path when run as __main__.
     if os.path.dirname(os.path.abspath(module)) == scripts or os.path.isfile(
         os.path.join(scripts, module + '.py')):
-      for flag in defined:
+      for flag in list(defined):
         if flag.name in flags.FLAGS:
           delattr(flags.FLAGS, flag.name)
   if scripts not in sys.path:
