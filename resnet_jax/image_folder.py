@@ -1,6 +1,6 @@
 """Image folders, <root>/<split>/<class>/<image>: scanning, verifying and decoding.
 
-Files are decoded with the decoder training uses (`_decode`,
+Files are decoded with the decoder training uses (`preprocess.decode`,
 tf.io.decode_image), for verification at start, for the device-resident
 split (`to_uint8_images`) and for the in-memory copy of small equal-sized
 splits (`decoded_once`). TensorFlow is imported lazily.
@@ -17,6 +17,7 @@ import numpy as np
 
 from resnet_jax.errors import UserError
 from resnet_jax.preprocess import _tf, fit_to_size
+from resnet_jax.preprocess import decode as _decode
 from resnet_jax.sources import (_IN_MEMORY_MAX_BYTES, Source, _check_classes, _class_subset,
                                 apply_slice, parse_split)
 
@@ -211,10 +212,6 @@ def _folder_split(field: str, root: str, split: str, class_names: list[str] | No
         raise UserError(f'{field}: no image of split {split!r} of {root} can be decoded')
   return (Source(labels=np.asarray(labels, np.int32), paths=np.asarray(paths, dtype=object)),
           class_names, skipped)
-
-
-def _decode(tf: Any, data: Any) -> Any:
-  return tf.io.decode_image(data, channels=3, expand_animations=False)
 
 
 def _warn_overlap(config_ds: Any, train: Source, eval_: Source) -> None:

@@ -38,6 +38,12 @@ def _tf():
   return tf
 
 
+def decode(tf: Any, data: Any) -> Any:
+  """Encoded image bytes -> uint8 HxWx3: the one decoder of training, verification and the
+  in-memory and on-device copies of a split (image_folder), so all see the same pixels."""
+  return tf.io.decode_image(data, channels=3, expand_animations=False)
+
+
 def fit_to_size(tf: Any, image: Any, size: int) -> Any:
   """RGB float32 at size x size: the host pipeline's and the device dataset's shared first step."""
   image = tf.cast(image, tf.float32)
@@ -141,22 +147,17 @@ def make_preprocess(config_ds: Any, train: bool, as_uint8: bool = False):
     pixels: `tf.image.decode_and_crop_jpeg`), which saves most of the decoding of a
     large photo; other formats and augmentations decode the whole image."""
     if kind != 'random_resized_crop':
-      return fn(tf.io.decode_image(data, channels=3, expand_animations=False), seed)
-    seeds = tf.random.experimental.stateless_split(seed, 3)
+      return fn(decode(tf, data), seed)
 
-    def jpeg():
+    def jpeg_window():
+      seeds = tf.random.experimental.stateless_split(seed, 3)
       shape = tf.concat([tf.image.extract_jpeg_shape(data)[:2], [3]], 0)
       begin, crop = window(shape, seeds[0])
-      return tf.image.decode_and_crop_jpeg(
+      image = tf.image.decode_and_crop_jpeg(
           data, tf.stack([begin[0], begin[1], crop[0], crop[1]]), channels=3)
+      return finish(tf.cast(image, tf.float32), seeds)
 
-    def whole():
-      image = tf.io.decode_image(data, channels=3, expand_animations=False)
-      begin, crop = window(tf.shape(image), seeds[0])
-      return tf.slice(image, begin, crop)
-
-    image = tf.cond(tf.io.is_jpeg(data), jpeg, whole)
-    return finish(tf.cast(image, tf.float32), seeds)
+    return tf.cond(tf.io.is_jpeg(data), jpeg_window, lambda: fn(decode(tf, data), seed))
 
   def finish(image, seeds):
     """Everything after random_resized_crop's window (the whole of the other kinds)."""

@@ -459,7 +459,7 @@ def _first_writes(config: ml_collections.ConfigDict, workdir: str, info: Any, se
 def _train_batches(config: ml_collections.ConfigDict, data: Any, setup: Setup,
                    start_step: int):
   """Device-ready training batches: from a device-resident split, or prefetched host ones."""
-  from resnet_jax import device_data, input_pipeline
+  from resnet_jax import input_pipeline
   if config.dataset.get('on_device', False):
     if not isinstance(data.train_source, input_pipeline.Source):
       raise UserError('config.dataset.on_device: the training split must fit in memory')
