@@ -30,6 +30,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import resnet_jax  # noqa: E402,F401  (the project's XLA_FLAGS, before JAX starts)
+
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
