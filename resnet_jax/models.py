@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnet_jax import conv_lowering
 from resnet_jax.errors import UserError
 
 # Kaiming-normal (fan_out, untruncated) as in He et al. and torchvision.
@@ -86,7 +87,8 @@ class _Base(nn.Module):
     pad = (kernel - 1) // 2
     return nn.Conv(features, (kernel, kernel), (strides, strides),
                    padding=((pad, pad), (pad, pad)), use_bias=False,
-                   dtype=self.dtype, kernel_init=conv_init, name=name)
+                   dtype=self.dtype, kernel_init=conv_init, name=name,
+                   conv_general_dilated=conv_lowering.conv_general_dilated)
 
   def norm(self, name: str, train: bool, zero_scale: bool = False) -> nn.Module:
     path = '/'.join(self.path + (name,))
