@@ -27,7 +27,7 @@ def test_loop_mode_reports_both_rates_and_their_ratio(capsys):
   result = benchmark.benchmark_loop(config, steps=3, rounds=2, num_classes=10)
   json.dumps(result)
   assert result['loop_images_per_sec'] > 0 and result['step_images_per_sec'] > 0
-  assert 0 < result['loop_efficiency'] < 1.5
+  assert result['loop_efficiency'] > 0  # No range: a loaded machine moves either side.
   assert result['loop_efficiency'] == (result['loop_images_per_sec']
                                        / result['step_images_per_sec'])
   assert len(result['loop_step_ms']) == len(result['bare_step_ms']) == 2
