@@ -11,7 +11,11 @@ sums XLA:CPU's per-operation trace events by kind (convolution forward,
 input gradient, filter gradient, matmul, layout copies, elementwise and
 reductions), printing a table and one JSON line. The events are the XLA:CPU
 runtime's own; operations that run side by side on the two cores overlap, so
-the kinds can sum to more than the step's wall time.
+the kinds can sum to more than the step's wall time. Read it with one caveat:
+Eigen's convolutions (XLA:CPU's own, the project's default) run on XLA's
+intra-op pool and their events cover little more than the dispatch, so their
+time shows up inside whatever runs beside them (mostly the layout copies);
+YNNPACK's are timed in full. `--conv` times convolutions in isolation.
 
 `--conv=N,H,C,O` times one 3x3 stride-1 convolution of an NxHxHxC batch to O
 channels three ways in XLA (forward, input gradient, filter gradient, each
