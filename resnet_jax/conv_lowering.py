@@ -14,7 +14,9 @@ convolution is faster (up to 4x at 32x32). So on CPU a convolution whose output
 has at most `PATCHES_MAX_OUTPUT_PIXELS` pixels per example becomes patches @
 kernel; everything else, and every convolution on GPU and TPU (cuDNN and the TPU
 compiler have no such cliff), stays XLA's own. The matmul sums the same products
-in another order, so results agree to float rounding, not bit for bit.
+in another order, so results agree to float rounding, not bit for bit. The
+rule is applied when the model is traced: a model exported on CPU
+(`export.py`) carries the matmul form for those layers, the same function.
 """
 
 from __future__ import annotations
