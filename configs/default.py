@@ -52,6 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.on_device = False    # Keep the training split on the devices; crop/flip in JAX.
   c.dataset.in_memory = 'auto'   # TFDS: hold decoded splits in memory (auto: if < 4 GiB), or stream.
   c.dataset.shuffle_buffer = 16384  # Streaming TFDS only.
+  c.dataset.loader = 'tf.data'   # Training input: 'tf.data' or 'grain' (folders, random_resized_crop).
+  c.dataset.grain_workers = 0    # loader='grain': worker processes (0: the cores available).
 
   c.batch_size = 128
   c.eval_batch_size = 500

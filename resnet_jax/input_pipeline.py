@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from resnet_jax import grain_loader
 from resnet_jax.errors import UserError
 # Folder reading, sources and per-example preprocessing live in their own modules; their
 # names stay importable from here.
@@ -205,7 +206,11 @@ class Data:
 
     `as_uint8`: images as uint8 pixels, to be normalised on the device
     (`preprocess.sends_uint8`, `device_data.normalise`); else normalised float32.
+    `dataset.loader='grain'`: read by `grain_loader` (the same examples, PIL's pixels).
     """
+    if grain_loader.loader(self.config.dataset) == 'grain':
+      return grain_loader.train_batches(self._readable('train'), self.config, local_batch,
+                                        start_step, process_index, process_count, as_uint8)
     if isinstance(self.train_source, StreamSource):
       return self._stream_train_iter(local_batch, start_step, process_index, process_count,
                                      as_uint8)
@@ -366,6 +371,7 @@ def create_data(config: Any) -> Data:
   if size <= 0:
     raise UserError(f'config.dataset.image_size: must be positive, got {size}')
   augment_kind(cds)
+  grain_loader.loader(cds)  # Before any folder is read.
   for f in ('mean', 'std'):
     if len(tuple(cds.get(f, ()))) != 3:
       raise UserError(f'config.dataset.{f}: needs 3 values (one per channel)')

@@ -26,6 +26,9 @@ from resnet_jax import augment
 from resnet_jax.errors import UserError
 
 AUGMENTATIONS = ('auto', 'pad_crop', 'random_resized_crop', 'resize_crop', 'none')
+# random_resized_crop's box (Inception): its share of the image's area, its width / height, and
+# the tries before the whole image is taken. Shared by tf.data (here) and Grain (grain_loader).
+CROP_AREA, CROP_RATIO, CROP_TRIES = (0.08, 1.0), (3 / 4, 4 / 3), 10
 
 
 def _tf():
@@ -127,8 +130,8 @@ def make_preprocess(config_ds: Any, train: bool, as_uint8: bool = False):
     """random_resized_crop's box (begin, size) for an image of `shape` [h, w, 3]."""
     begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
         shape, tf.zeros([0, 0, 4], tf.float32), seed=seed,
-        min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
-        area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
+        min_object_covered=0.0, aspect_ratio_range=CROP_RATIO,
+        area_range=CROP_AREA, max_attempts=CROP_TRIES, use_image_if_no_bounding_boxes=True)
     return begin, crop
 
   def fn(image, seed):

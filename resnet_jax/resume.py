@@ -39,7 +39,9 @@ RESUME_FIELDS = ('seed', 'batch_size', 'num_train_steps', 'num_epochs', 'grad_ac
                  'ema.decay', 'ema.warmup',
                  # What the step trains on and against.
                  'loss', 'mixup.*', 'cutmix.*', 'dataset.randaugment', 'dataset.random_erasing',
-                 'model.dropout_rate', 'model.drop_path_rate')
+                 'model.dropout_rate', 'model.drop_path_rate',
+                 # tf.data and Grain give different pixels for the same (seed, step).
+                 'dataset.loader')
 # Changing these changes the optimizer state's layout (its partition or its transforms).
 OPTIMIZER_LAYOUT_PREFIXES = ('config.optimizer.', 'config.finetune.')
 
@@ -68,7 +70,8 @@ def run_fields(config: Any, num_train: int | None = None) -> dict[str, Any]:
 # Fields added after checkpoints were first written: an older checkpoint (no record, or
 # None from an older config.json) was trained with their defaults (configs/default.py).
 ADDED_FIELDS = ('ema.*', 'loss', 'mixup.*', 'cutmix.*', 'dataset.randaugment',
-                'dataset.random_erasing', 'model.dropout_rate', 'model.drop_path_rate')
+                'dataset.random_erasing', 'model.dropout_rate', 'model.drop_path_rate',
+                'dataset.loader')
 
 
 def _field_defaults() -> dict[str, Any]:
