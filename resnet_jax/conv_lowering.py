@@ -21,14 +21,17 @@ rule is applied when the model is traced: a model exported on CPU
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 # Output pixels per example (H_out * W_out) at or below which CPU convolutions are matmuls.
-PATCHES_MAX_OUTPUT_PIXELS = 4
+DEFAULT_PATCHES_MAX_OUTPUT_PIXELS = 4
+PATCHES_MAX_OUTPUT_PIXELS = DEFAULT_PATCHES_MAX_OUTPUT_PIXELS  # 0: XLA's convolution everywhere.
 
 
 def _pairs(padding: Any) -> tuple[tuple[int, int], ...] | None:
@@ -58,22 +61,39 @@ def output_size(size: int, kernel: int, stride: int, pad: tuple[int, int]) -> in
   return (size + pad[0] + pad[1] - kernel) // stride + 1
 
 
+def _selection(h: int, w: int, kh: int, kw: int, strides: tuple[int, int],
+               pads: tuple[tuple[int, int], tuple[int, int]]) -> np.ndarray:
+  """0/1 matrix [ho*wo*kh*kw, h*w]: row (output pixel, tap) picks the input pixel under that
+  tap, or nothing where the tap lies in the padding."""
+  (ph, pw), (sh, sw) = pads, strides
+  ho, wo = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
+  sel = np.zeros((ho, wo, kh, kw, h, w), np.float32)
+  for oy, ox, i, j in itertools.product(range(ho), range(wo), range(kh), range(kw)):
+    y, x = oy * sh + i - ph[0], ox * sw + j - pw[0]
+    if 0 <= y < h and 0 <= x < w:
+      sel[oy, ox, i, j, y, x] = 1.0
+  return sel.reshape(ho * wo * kh * kw, h * w)
+
+
 def conv_as_patches(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
                     padding: Sequence[tuple[int, int]], precision=None,
                     preferred_element_type=None) -> jax.Array:
-  """An NHWC x HWIO convolution as one matmul: (N*Ho*Wo, kh*kw*C) patches @ (kh*kw*C, O)."""
+  """An NHWC x HWIO convolution as two matmuls: a 0/1 selection gathers each output pixel's
+  patch (N, Ho*Wo*kh*kw, C), which then meets the kernel as (N*Ho*Wo, kh*kw*C) @ (kh*kw*C, O).
+
+  The selection copies pixels exactly (one 1 per row, zeros elsewhere), so the patches are
+  the input's values; two dots keep the program small (a slice per tap made the tiny
+  models' train step a fifth slower to compile).
+  """
   n, h, w, c = lhs.shape
   kh, kw, _, o = rhs.shape
-  sh, sw = (int(s) for s in window_strides)
-  (ph, pw) = _pairs(padding)
-  ho, wo = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
-  x = jnp.pad(lhs, ((0, 0), ph, pw, (0, 0)))
-  taps = [lax.slice(x, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
-                    (1, sh, sw, 1))
-          for i in range(kh) for j in range(kw)]  # Tap order (i, j, c) is HWIO's row order.
-  cols = jnp.concatenate(taps, axis=-1).reshape(n * ho * wo, kh * kw * c)
-  y = jnp.dot(cols, rhs.reshape(kh * kw * c, o), precision=precision,
-              preferred_element_type=preferred_element_type)
+  strides = tuple(int(s) for s in window_strides)
+  pads = _pairs(padding)
+  ho, wo = output_size(h, kh, strides[0], pads[0]), output_size(w, kw, strides[1], pads[1])
+  sel = jnp.asarray(_selection(h, w, kh, kw, strides, pads), lhs.dtype)
+  cols = jnp.einsum('rq,nqc->nrc', sel, lhs.reshape(n, h * w, c), precision=precision)
+  y = jnp.dot(cols.reshape(n * ho * wo, kh * kw * c), rhs.reshape(kh * kw * c, o),
+              precision=precision, preferred_element_type=preferred_element_type)
   return y.reshape(n, ho, wo, o)
 
 

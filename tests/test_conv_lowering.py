@@ -11,6 +11,8 @@ from resnet_jax import conv_lowering, models
 from tests.conftest import tiny_config
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
+# The product's rule (tests elsewhere may pin XLA's convolution).
+PRODUCT_MAX_PIXELS = conv_lowering.DEFAULT_PATCHES_MAX_OUTPUT_PIXELS
 
 
 def _xla(x, w, stride, pad):
@@ -45,7 +47,8 @@ def test_patches_equal_xla_convolution_and_its_gradients(shape, kernel, stride, 
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-4)
 
 
-def test_the_rule_takes_only_tiny_cpu_outputs():
+def test_the_rule_takes_only_tiny_cpu_outputs(monkeypatch):
+  monkeypatch.setattr(conv_lowering, 'PATCHES_MAX_OUTPUT_PIXELS', PRODUCT_MAX_PIXELS)
   def uses(h, stride=1, kernel=3, platform='cpu', dn=NHWC, pad=1):
     x = jax.ShapeDtypeStruct((8, h, h, 16), jnp.float32)
     w = jax.ShapeDtypeStruct((kernel, kernel, 16, 16), jnp.float32)
@@ -67,9 +70,10 @@ def _conv_count(jaxpr):
   return n
 
 
-def test_model_uses_patches_at_tiny_maps_and_matches_xla():
+def test_model_uses_patches_at_tiny_maps_and_matches_xla(monkeypatch):
   """A ResNet-18 on 16px images ends in 2x2 maps: its stage-4 3x3 convolutions become matmuls,
   and the logits match XLA's convolutions everywhere to float rounding."""
+  monkeypatch.setattr(conv_lowering, 'PATCHES_MAX_OUTPUT_PIXELS', PRODUCT_MAX_PIXELS)
   m = tiny_config().model
   m.name, m.stem, m.width_multiplier = 'resnet18', 'cifar', 0.125
   model = models.create_model(m, 5)
