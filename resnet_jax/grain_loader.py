@@ -76,6 +76,7 @@ def loader(config_ds: Any) -> str:
 
 
 def cpu_cores() -> int:
+  """The cores this process may run on (its affinity), else the machine's."""
   try:
     return len(os.sched_getaffinity(0))
   except AttributeError:

@@ -230,14 +230,6 @@ def benchmark(config, steps: int, rounds: int, num_classes: int, compare_torch: 
   return result
 
 
-def cpu_cores() -> int:
-  """The cores this process may run on (its affinity), else the machine's."""
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 1
-
-
 def benchmark_input(config, steps: int, warmup: int = 3) -> dict:
   """The host input pipeline alone: `create_data(config)`, then `Data.train_iter` batches.
 
@@ -258,6 +250,7 @@ def benchmark_input(config, steps: int, warmup: int = 3) -> dict:
   for _ in range(steps):
     images += int(next(batches)['image'].shape[0])
   seconds = time.perf_counter() - t0
+  from resnet_jax.grain_loader import cpu_cores  # The cores this process may use.
   cores = cpu_cores()
   rate = images / seconds
   cds = config.dataset

@@ -16,15 +16,13 @@ side's round inflated short rounds up to 100-fold):
 
 - tfdata: the project's pipeline as training reads it (`create_data(config)`,
   `Data.train_iter(batch_size, as_uint8=...)`, as `benchmark.py --mode=input`).
-- grain: a `grain.MapDataset` over the same files and labels (shuffle, repeat,
-  per-example `random_map`, batch, then `mp_prefetch` into --workers spawned
-  processes, default: the cores available) doing the same per-example work.
-  pad_crop: decode the JPEG (PIL), pad by `crop_padding`, random crop, random
-  flip. random_resized_crop: read the JPEG's size, draw an Inception box
-  (area 0.08-1, ratio 3/4-4/3, 10 tries, else the whole image), decode (PIL,
-  `Image.draft` to a reduced DCT scale only where the box stays at least the
-  output size), resize the box to the output size (bilinear, antialiased),
-  random flip.
+- grain: pad_crop: a `grain.MapDataset` over the same files and labels
+  (shuffle, repeat, per-example `random_map`, batch, then `mp_prefetch` into
+  --workers spawned processes, default: the cores available): decode the JPEG
+  (PIL), pad by `crop_padding`, random crop, random flip. random_resized_crop:
+  the project's own Grain loader (`grain_loader.train_batches`, what
+  `dataset.loader=grain` trains with: PIL crop-box decode, antialiased resize,
+  flip), with --workers workers (--grain_threads applies to pad_crop only).
 - grain_in_memory (pad_crop only): the same, from the split decoded once into
   memory (`decoded_once`, what `dataset.decode_once` gives tf.data).
 
@@ -38,7 +36,6 @@ from __future__ import annotations
 import functools
 import gc
 import json
-import math
 import os
 import sys
 import time
@@ -56,13 +53,6 @@ flags.DEFINE_integer('rounds', 3, 'Alternating rounds.')
 flags.DEFINE_integer('workers', 0, 'Grain worker processes (0: the cores available).')
 flags.DEFINE_integer('grain_threads', 1, 'Grain reading threads in each worker.')
 FLAGS = flags.FLAGS
-
-
-def cpu_cores() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 1
 
 
 class Examples:
@@ -103,42 +93,11 @@ def pad_crop(ex, rng, size, pad, flip):
   return {'image': np.ascontiguousarray(image), 'label': ex['label']}
 
 
-def inception_box(rng, w, h):
-  """(left, top, width, height): area 8-100%, ratio 3/4-4/3, 10 tries, else all."""
-  for _ in range(10):
-    area = w * h * rng.uniform(0.08, 1.0)
-    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-    cw, ch = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
-    if 0 < cw <= w and 0 < ch <= h:
-      return int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1)), cw, ch
-  return 0, 0, w, h
-
-
-def random_resized_crop(ex, rng, size, flip):
-  from PIL import Image
-  with Image.open(ex['x']) as im:
-    w, h = im.size   # From the header: nothing decoded yet.
-    left, top, cw, ch = inception_box(rng, w, h)
-    # Largest DCT reduction that keeps the box at least size x size.
-    im.draft('RGB', (math.ceil(w * size / cw), math.ceil(h * size / ch)))
-    sx, sy = im.size[0] / w, im.size[1] / h
-    box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
-    out = im.convert('RGB').resize((size, size), Image.BILINEAR, box=box)
-  image = np.asarray(out)
-  if flip and rng.random() < 0.5:
-    image = image[:, ::-1]
-  return {'image': np.ascontiguousarray(image), 'label': ex['label']}
-
-
 def grain_batches(source: Examples, cds, batch: int, seed: int, workers: int, threads: int):
+  """pad_crop batches through Grain (random_resized_crop uses the project's own Grain loader)."""
   import grain
-  size = int(cds.image_size)
-  flip = bool(cds.get('flip', True))
-  from resnet_jax.input_pipeline import augment_kind
-  if augment_kind(cds) == 'pad_crop':
-    fn = functools.partial(pad_crop, size=size, pad=int(cds.get('crop_padding', 4)), flip=flip)
-  else:
-    fn = functools.partial(random_resized_crop, size=size, flip=flip)
+  fn = functools.partial(pad_crop, size=int(cds.image_size), pad=int(cds.get('crop_padding', 4)),
+                         flip=bool(cds.get('flip', True)))
   ds = (grain.MapDataset.source(source).shuffle(seed=seed).repeat()
         .random_map(fn, seed=seed).batch(batch, drop_remainder=True))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2))
@@ -164,7 +123,7 @@ def compare(config, steps: int, rounds: int, warmup: int = 8, workers: int = 0,
   Grain reads its own absl flags (grain_*), so call this once flags are parsed
   (as `main` is, under app.run).
   """
-  from resnet_jax import input_pipeline, preprocess
+  from resnet_jax import grain_loader, input_pipeline, preprocess
   from resnet_jax.errors import UserError
   cds = config.dataset
   kind = input_pipeline.augment_kind(cds)
@@ -172,7 +131,7 @@ def compare(config, steps: int, rounds: int, warmup: int = 8, workers: int = 0,
     raise UserError('benchmark_grain: an image_folder with pad_crop or random_resized_crop')
   if cds.get('randaugment', '') or float(cds.get('random_erasing', 0.0)):
     raise UserError('benchmark_grain: the Grain side has no RandAugment or random erasing')
-  cores = cpu_cores()
+  cores = grain_loader.cpu_cores()
   workers = workers or cores
   b, seed = int(config.batch_size), int(config.seed)
   data = input_pipeline.create_data(config)
@@ -180,6 +139,9 @@ def compare(config, steps: int, rounds: int, warmup: int = 8, workers: int = 0,
   paths = Examples(list(src.paths.astype(str)), src.labels)
   sides = {'tfdata': lambda: data.train_iter(b, as_uint8=preprocess.sends_uint8(cds)),
            'grain': lambda: grain_batches(paths, cds, b, seed, workers, grain_threads)}
+  if kind == 'random_resized_crop':  # What `dataset.loader=grain` trains with.
+    sides['grain'] = lambda: grain_loader.train_batches(src, config, b, as_uint8=True,
+                                                        workers=workers)
   if kind == 'pad_crop':
     mem = input_pipeline.decoded_once(src)
     if mem.images is not None:

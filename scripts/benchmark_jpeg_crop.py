@@ -58,7 +58,8 @@ def main(argv):
   for _ in range(FLAGS.rounds):
     for name, example in variants.items():
       best[name] = max(best[name], rate(example))
-  cores = len(os.sched_getaffinity(0))
+  from resnet_jax.grain_loader import cpu_cores
+  cores = cpu_cores()
   print(json.dumps({**{f'{k}_images_per_sec': round(v) for k, v in best.items()},
                     'crop_window_decode_per_core': round(best['crop_window_decode'] / cores),
                     'cores': cores,

@@ -54,10 +54,3 @@ def test_both_pipelines_time_batches_of_one_shape(tmp_path, capsys, size, augmen
     assert side['label_dtype'] == 'int32'
     assert 0 <= side['label_min'] <= side['label_max'] < result['num_classes'] == 3
 
-
-def test_inception_box_stays_inside_the_image():
-  bench = import_script('benchmark_grain')
-  rng = np.random.default_rng(1)
-  for _ in range(200):
-    left, top, w, h = bench.inception_box(rng, 50, 30)
-    assert 0 <= left and left + w <= 50 and 0 <= top and top + h <= 30 and w * h > 0
